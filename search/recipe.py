@@ -264,3 +264,8 @@ def check_stage_names(stages: list[Recipe], where: str = "recipe") -> None:
             raise RecipeError(f"{where} (document {i + 1}): name is required on every stage but the last; add `name: ...`")
     if len(set(n for n in names if n)) != len([n for n in names if n]):
         raise RecipeError(f"{where}: two stages share one name; give each stage its own `name:`")
+
+
+def as_stages(recipe: Recipe | list[Recipe]) -> list[Recipe]:
+    """A single recipe or a multi-stage list, always as a list of stages (last = the output)."""
+    return list(recipe) if isinstance(recipe, (list, tuple)) else [recipe]
