@@ -35,8 +35,8 @@ class _Strict(BaseModel):
 class Conditional(_Strict):
     """One entry of a filter list: `value` applies to tensors whose name contains `filter`."""
 
-    value: ScalarOrGradient
     filter: Optional[str] = None
+    value: ScalarOrGradient
 
 
 ParameterSetting = Union[Conditional, list[Conditional], ScalarOrGradient]

@@ -1,0 +1,107 @@
+"""Slerp curves: one t-curve per tensor filter between two models (as phigment6, zephyr-gemma).
+
+    space:
+      kind: slerp
+      models: [a, b]            # exactly two, same family, depth and width
+      base: a                   # t = 0 gives this model (default: the first)
+      filters: [self_attn, mlp] # one curve per filter, first match wins; then one for the rest
+      anchors: 5                # anchors per curve (default 5): a number, per_layer (one t per
+                                #   layer), or per filter: {self_attn: 5, mlp: 5, rest: 1}
+      t: [0, 1]                 # range of every anchor (a number fixes them all)
+      form: models              # models | slices (one slice over all layers, as phigment6)
+      dtype: bfloat16           # also out_dtype, tokenizer_source, max_layers, max_params
+
+A curve of k anchors is mergekit's gradient list: anchor j sits at depth j/(k-1) and
+layers in between interpolate; one anchor is written as a plain number. With
+k = the number of layers each layer gets its own t. Params: `t.<filter>.<j>`,
+`t.rest.<j>`.
+"""
+
+from __future__ import annotations
+
+from search.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
+
+from .base import Space, listed, single
+from .spec import NotInSpace, SpecReader
+
+REST = "rest"
+
+
+class SlerpSpace(Space):
+    kind = "slerp"
+
+    def read(self, spec: SpecReader) -> None:
+        self.pair = spec.model_list("models", min_count=2, max_count=2)
+        self.base = spec.model("base", self.pair[0])
+        if self.base not in self.pair:
+            spec.fail("base", f"{self.base!r} must be one of models {self.pair} (slerp starts from one of the two)")
+        self.check_same_shape(spec, listed("models", self.pair))
+        self.used_models = list(self.pair)
+        self.num_layers = self.models[self.pair[0]].num_layers
+
+        filters = spec.take("filters", ["self_attn", "mlp"])
+        if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
+            spec.fail("filters", f"expected a list of tensor-name substrings like [self_attn, mlp], got {filters!r}")
+        if REST in filters or len(set(filters)) != len(filters):
+            spec.fail("filters", f"must be distinct and not {REST!r} (the rest always gets its own curve)")
+        self.filters = list(filters)
+        self.anchors = self._read_anchors(spec)
+        self.t = spec.float_knob("t", [0.0, 1.0], bounds=(0.0, 1.0))
+        self.form = spec.string("form", "models")
+        if self.form not in ("models", "slices"):
+            spec.fail("form", f"{self.form!r} is not models or slices")
+        self.read_output_options(spec)
+
+    def _read_anchors(self, spec: SpecReader) -> dict[str, int]:
+        def count(value, where: str) -> int:
+            if value == "per_layer":
+                return self.num_layers
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.num_layers:
+                spec.fail(where, f"expected per_layer or a count in [1, {self.num_layers}], got {value!r}")
+            return value
+
+        value = spec.take("anchors", 5)
+        curves = self.filters + [REST]
+        if isinstance(value, dict):
+            for key in value:
+                if key not in curves:
+                    spec.fail(f"anchors.{key}", f"not a curve of this space; use one of {curves}")
+            return {c: count(value.get(c, 5), f"anchors.{c}") for c in curves}
+        return {c: count(value, "anchors") for c in curves}
+
+    def output_info(self):
+        return self.models[self.base]
+
+    def build(self, trial) -> MergeRecipe:
+        t = []
+        for curve in self.filters + [REST]:
+            values = [self.t.suggest(trial, f"t.{curve}.{j}") for j in range(self.anchors[curve])]
+            value = values[0] if len(values) == 1 else values
+            t.append(Conditional(filter=None if curve == REST else curve, value=value))
+        if self.form == "slices":
+            sources = [InputSlice(model=m, layer_range=(0, self.num_layers)) for m in self.pair]
+            inputs = dict(slices=[OutputSlice(sources=sources)])
+        else:
+            inputs = dict(models=[InputModel(model=m) for m in self.pair])
+        return MergeRecipe(
+            merge_method="slerp", base_model=self.base, parameters={"t": t}, **inputs, **self.output_options()
+        )
+
+    def propose_params(self, recipe) -> list[dict]:
+        recipe = single(recipe)
+        if not isinstance(recipe, MergeRecipe) or recipe.merge_method != "slerp":
+            raise NotInSpace(f"merge_method is {getattr(recipe, 'merge_method', 'moe')!r}, not slerp")
+        t = (recipe.parameters or {}).get("t")
+        curves = self.filters + [REST]
+        if not isinstance(t, list) or len(t) != len(curves) or not all(isinstance(c, Conditional) for c in t):
+            raise NotInSpace(f"parameters.t must be a filter list for {self.filters} and the rest")
+        params: dict = {}
+        for curve, cond in zip(curves, t):
+            if cond.filter != (None if curve == REST else curve):
+                raise NotInSpace(f"parameters.t has filter {cond.filter!r} where the space has {curve!r}")
+            values = cond.value if isinstance(cond.value, list) else [cond.value]
+            if len(values) != self.anchors[curve]:
+                raise NotInSpace(f"the {curve} curve has {len(values)} anchors; the space has {self.anchors[curve]}")
+            for j, v in enumerate(values):
+                self.t.put(params, f"t.{curve}.{j}", v)
+        return [params]
