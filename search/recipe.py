@@ -125,7 +125,8 @@ class Expert(_Strict):
     residual_scale: Optional[float] = None
 
 
-GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random"]
+# hidden_avg / hidden_last are mergekit-moe variants of hidden it accepts without listing them.
+GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "hidden_avg", "hidden_last"]
 
 
 class MoERecipe(_Strict):
@@ -148,7 +149,7 @@ class MoERecipe(_Strict):
             raise ValueError(
                 f"experts_per_token is {self.experts_per_token} but only {len(self.experts)} experts are listed"
             )
-        if self.gate_mode in ("hidden", "cheap_embed"):
+        if self.gate_mode != "random":  # mergekit-moe asks for prompts for every other gate
             for i, e in enumerate(self.experts):
                 if not e.positive_prompts:
                     raise ValueError(f"experts[{i}].positive_prompts is required for gate_mode {self.gate_mode}")

@@ -34,7 +34,8 @@ from .base import MERGE_DTYPES, Space, listed, single
 from .spec import ChoiceKnob, FloatKnob, NotInSpace, SpecReader
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random")
-NEEDS_PROMPTS = ("hidden", "cheap_embed")
+# mergekit-moe asks for positive prompts for every gate but random (uniform_random validates them too)
+NEEDS_PROMPTS = ("hidden", "cheap_embed", "uniform_random")
 PICK = ChoiceKnob((True, False))
 SCORE = FloatKnob(0.0, 1.0)
 
