@@ -1,0 +1,80 @@
+"""Objectives: what a candidate merge is scored on.
+
+An objective maps (model, tokenizer, fidelity) to one number. It is built once per
+worker from its spec (the run spec's `objectives:` list) and called once per trial
+and stage, so costly set-up (task building, tokenization) happens in its
+constructor or on its first call, never per trial.
+
+    objectives:
+      - {kind: lmeval, include_path: zoo/tasks, tasks: [fst_search, nxt_search], fidelities: [16, 64, 256]}
+      - {kind: perplexity, path: data/wiki.txt, tokens: 8192}
+      - {kind: custom, function: mypkg.scores:accuracy}
+      - {kind: cost, measure: params}
+
+Several objectives make a multi-objective study (one Optuna direction each).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar
+
+from search.errors import UserError
+
+# kind -> "module:class"; imported only when used, so a cost-only search never imports lm-eval.
+REGISTRY = {
+    "lmeval": "objectives.lmeval:LmEvalObjective",
+    "perplexity": "objectives.perplexity:PerplexityObjective",
+    "custom": "objectives.custom:CustomObjective",
+    "cost": "objectives.cost:CostObjective",
+}
+
+
+class Objective:
+    """One score of a candidate. Subclasses set the attributes and implement `score`."""
+
+    kind: ClassVar[str]
+    name: str
+    direction: str  # "maximize" | "minimize"
+    fidelities: list[int] | None  # stage sizes, e.g. [16, 64, 256] examples; None = a single stage
+    has_heldout: bool = True  # False: score_heldout only repeats the full search score
+
+    @classmethod
+    def from_spec(cls, spec: dict, where: str, base_dir: Path) -> "Objective":
+        raise NotImplementedError
+
+    def score(self, model, tokenizer, fidelity: int | None = None) -> float:
+        """Score on the first `fidelity` examples of the fixed order (None: the whole search set)."""
+        raise NotImplementedError
+
+    def score_heldout(self, model, tokenizer) -> float:
+        """Score on the held-out split, which the search never sees."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, direction={self.direction!r}, fidelities={self.fidelities})"
+
+
+def objective_class(kind: Any, where: str) -> type[Objective]:
+    if kind not in REGISTRY:
+        raise UserError(f"{where}.kind: expected one of {', '.join(REGISTRY)}, got {kind!r}")
+    module_name, class_name = REGISTRY[kind].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_objectives(specs: list[dict], base_dir: Path) -> list[Objective]:
+    """Objectives from the run spec's `objectives:` list; relative paths resolve against `base_dir`."""
+    if not isinstance(specs, list) or not specs:
+        raise UserError("objectives: expected a non-empty list like [{kind: lmeval, tasks: [...]}]")
+    built = []
+    for i, spec in enumerate(specs):
+        where = f"objectives[{i}]"
+        if not isinstance(spec, dict):
+            raise UserError(f"{where}: expected a mapping like {{kind: lmeval, ...}}, got {spec!r}")
+        built.append(objective_class(spec.get("kind"), where).from_spec(spec, where, Path(base_dir)))
+    names = [o.name for o in built]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise UserError(f"objectives[{i}].name: {name!r} is used twice; give each objective its own name")
+    return built

@@ -1,0 +1,233 @@
+"""Benchmark: in-memory materialization (the path search workers use), side by side with
+mergekit's in-memory API and with a plain copy of the same bytes.
+
+1. A TinyLlama-1.1B-shaped random pair (hidden 2048, intermediate 5632, 22 layers,
+   32 heads, 4 KV heads, vocab 32000, bf16), merged with seeds/phigment6-slerp.yml's
+   t-curves (its self_attn / mlp filters match llama names too) at several different
+   curves: ours (`Materializer.materialize`, per candidate after warm-up) vs
+   `mergekit.merge_methods.api.merge_state_dicts` given the same per-tensor t vs
+   `dst.copy_(src)` of every tensor into preallocated, already touched buffers.
+   Bandwidth counts bytes read + written: slerp reads two tensors and writes one,
+   a copy reads one and writes one.
+2. The SOLAR layout (seeds/solar-depth-upscale.yml: layers [0, 24] + [8, 32] of one
+   32-layer Mistral) materialized at two widths: aliasing makes its time independent
+   of the width.
+
+Run (results go to BENCHMARKS.md by hand):
+    .venv/bin/python bench/bench_materialize.py [--candidates 6] [--skip-mergekit] [--threads N]
+Needs about 12 GiB of free memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from search.materialize import Materializer
+from search.recipe import load, loads
+from search.sources import SourceModel
+
+SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
+
+TINYLLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+
+
+def random_model(name: str, config: transformers.PretrainedConfig, seed: int, dtype=torch.bfloat16) -> SourceModel:
+    """Random weights of a config's shapes, without building a model (faster, less memory)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for k, shape in shapes.items():
+        t = torch.empty(shape, dtype=dtype)
+        t.normal_(0, 0.02, generator=g)
+        tensors[k] = t
+    cfg = config.to_dict()
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    return SourceModel(name=name, path=Path(f"<random {name}>"), config=cfg, tensors=tensors)
+
+
+def phigment_curve_recipe(a: str, b: str, attn: list[float], mlp: list[float], rest: float, layers: int) -> str:
+    return f"""
+slices:
+  - sources:
+      - model: {a}
+        layer_range: [0, {layers}]
+      - model: {b}
+        layer_range: [0, {layers}]
+merge_method: slerp
+base_model: {a}
+parameters:
+  t:
+    - filter: self_attn
+      value: {attn}
+    - filter: mlp
+      value: {mlp}
+    - value: {rest}
+dtype: bfloat16
+"""
+
+
+def t_curves(n: int) -> list[tuple[list[float], list[float], float]]:
+    """phigment6's own curves first, then shifted and random ones."""
+    seed = load(SEEDS / "phigment6-slerp.yml")[0]
+    attn, mlp, rest = (c.value for c in seed.parameters["t"])
+    curves = [(attn, mlp, rest), (mlp, attn, rest)]
+    g = torch.Generator().manual_seed(0)
+    while len(curves) < n:
+        curves.append(
+            ([round(x, 3) for x in torch.rand(5, generator=g).tolist()], [round(x, 3) for x in torch.rand(5, generator=g).tolist()], round(float(torch.rand(1, generator=g)), 3))
+        )
+    return curves[:n]
+
+
+def timed(fn, repeat: int = 1) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench_slerp(args) -> None:
+    config = transformers.LlamaConfig(**TINYLLAMA)
+    config.architectures = ["LlamaForCausalLM"]
+    t0 = time.perf_counter()
+    a, b = random_model("tiny-a", config, 1), random_model("tiny-b", config, 2)
+    total = sum(t.numel() * t.element_size() for t in a.tensors.values())
+    print(f"pair built in {time.perf_counter() - t0:.1f}s: {sum(t.numel() for t in a.tensors.values()) / 1e9:.3f}B params, {total / 2**30:.2f} GiB per model, torch threads {torch.get_num_threads()}")
+
+    mat = Materializer({})
+    mat.add_source(a)
+    mat.add_source(b)
+    recipes = [loads(phigment_curve_recipe("tiny-a", "tiny-b", *c, layers=22)) for c in t_curves(args.candidates)]
+
+    # --- ours -----------------------------------------------------------------
+    source_ptrs = {t.data_ptr() for m in (a, b) for t in m.tensors.values()}
+
+    def computed_bytes(model) -> int:
+        """Bytes of the parameters this candidate computed (the rest alias a source: t = 0 or 1)."""
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.data_ptr() not in source_ptrs)
+
+    first = timed(lambda: mat.materialize(recipes[0]))[0]
+    per_candidate, moved = [], []
+    for r in recipes[1:] + recipes[:1]:  # every candidate after the first visit of the pair
+        per_candidate += timed(lambda: mat.materialize(r))
+        moved.append(3 * computed_bytes(mat.materialize(r)))
+    ours = statistics.median(per_candidate)
+    ours_bw = 3 * total / ours / 1e9
+    real_bw = statistics.median(moved) / ours / 1e9
+    print(
+        f"ours: first call {first:.2f}s (builds the resident model, pair statistics, compiles the pass); "
+        f"per candidate median {ours:.3f}s over {len(per_candidate)} (min {min(per_candidate):.3f}, max {max(per_candidate):.3f}) "
+        f"= {ours_bw:.1f} GB/s counting every output tensor as read twice + written once, "
+        f"{real_bw:.1f} GB/s counting only computed tensors ({100 * statistics.median(moved) / (3 * total):.0f}% of bytes; the rest alias a source)"
+    )
+
+    # --- the same bytes, plainly copied into touched buffers --------------------
+    dst = {k: torch.empty_like(v) for k, v in a.tensors.items()}
+    for v in dst.values():
+        v.zero_()
+
+    def copy_all():
+        for k, v in a.tensors.items():
+            dst[k].copy_(v)
+
+    copies = timed(copy_all, repeat=5)
+    copy_t = statistics.median(copies)
+    copy_bw = 2 * total / copy_t / 1e9
+    print(
+        f"plain copy: median {copy_t:.3f}s = {copy_bw:.1f} GB/s read+written; "
+        f"ours reaches {100 * ours_bw / copy_bw:.0f}% of it ({100 * real_bw / copy_bw:.0f}% counting computed tensors only)"
+    )
+    del dst
+    gc.collect()
+
+    # --- mergekit's in-memory API, same per-tensor t ---------------------------
+    if not args.skip_mergekit:
+        from mergekit.merge_methods.api import merge_state_dicts
+        from mergekit.merge_methods.base import PerGroupValues
+
+        mk_times = []
+        for r in recipes[: args.mergekit_runs]:
+            (plan,) = mat.plan(r)
+            ts = {j.name: j.shared["t"] for j in plan.jobs}
+            order = list(a.tensors)
+            params = {"t": PerGroupValues([ts[k] for k in order])}
+
+            def run():
+                out = merge_state_dicts({"a": a.tensors, "b": b.tensors}, "slerp", parameters=params, base="a")
+                del out
+
+            mk_times += timed(run)
+        mk = statistics.median(mk_times)
+        print(f"mergekit merge_state_dicts: median {mk:.3f}s over {len(mk_times)} = {3 * total / mk / 1e9:.1f} GB/s; ours is {mk / ours:.1f}x faster")
+    del mat, a, b
+    gc.collect()
+
+
+def bench_solar(args) -> None:
+    seed = load(SEEDS / "solar-depth-upscale.yml")
+    name = seed[0].referenced_models()[0]
+    for hidden in args.solar_widths:
+        config = transformers.MistralConfig(
+            vocab_size=32000,
+            hidden_size=hidden,
+            intermediate_size=hidden * 7 // 2,
+            num_hidden_layers=32,
+            num_attention_heads=hidden // 128,
+            num_key_value_heads=max(1, hidden // 512),
+            tie_word_embeddings=False,
+        )
+        src = random_model(name, config, 3)
+        src.config["architectures"] = ["MistralForCausalLM"]
+        size = sum(t.numel() * t.element_size() for t in src.tensors.values())
+        mat = Materializer({})
+        mat.add_source(src)
+        first = timed(lambda: mat.materialize(seed))[0]
+        warm = statistics.median(timed(lambda: mat.materialize(seed), repeat=7))
+        sd = statistics.median(timed(lambda: mat.state_dict(seed), repeat=7))
+        print(
+            f"SOLAR layout, hidden {hidden}: source {size / 2**30:.2f} GiB, output 48 layers; "
+            f"materialize first {first:.2f}s, then median {warm * 1000:.1f} ms; state_dict median {sd * 1000:.1f} ms"
+        )
+        del mat, src
+        gc.collect()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--candidates", type=int, default=6)
+    p.add_argument("--mergekit-runs", type=int, default=2)
+    p.add_argument("--skip-mergekit", action="store_true")
+    p.add_argument("--solar-widths", type=int, nargs=2, default=[512, 2048])
+    p.add_argument("--only", choices=["slerp", "solar"])
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.only != "solar":
+        bench_slerp(args)
+    if args.only != "slerp":
+        bench_solar(args)
+
+
+if __name__ == "__main__":
+    main()

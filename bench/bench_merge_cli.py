@@ -1,0 +1,177 @@
+"""Benchmark: `mergesearch merge` vs `mergekit-yaml`, end to end, on a TinyLlama-1.1B-shaped pair.
+
+Two random bf16 models shaped like TinyLlama-1.1B (hidden 2048, intermediate 5632,
+22 layers, 32 heads, 4 KV heads, vocab 32000) are written once as safetensors under
+bench/out/, then merged with seeds/phigment6-slerp.yml's t-curves (its layer range
+set to the pair's 22 layers) by both tools, alternating, each run a fresh process.
+Both outputs are checked to hold the same tensors, bit for bit.
+
+    .venv/bin/python bench/bench_merge_cli.py [--repeats 3] [--out bench/out]
+
+Not a test: it needs ~10 GiB of disk and several GiB of memory, and takes minutes.
+Target (issue 2): mergesearch at least 3x faster than mergekit-yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = REPO.parent / "shared" / "seeds" / "phigment6-slerp.yml"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+TINYLLAMA = dict(
+    architectures=["LlamaForCausalLM"],
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    hidden_act="silu",
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_theta=10000.0,
+    torch_dtype="bfloat16",
+)
+
+
+def tinyllama_tensors(seed: int) -> dict[str, torch.Tensor]:
+    c = TINYLLAMA
+    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+
+    t = {"model.embed_tokens.weight": rand(v, h)}
+    for n in range(c["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        t[p + "input_layernorm.weight"] = 1 + rand(h)
+        t[p + "self_attn.q_proj.weight"] = rand(h, h)
+        t[p + "self_attn.k_proj.weight"] = rand(kv, h)
+        t[p + "self_attn.v_proj.weight"] = rand(kv, h)
+        t[p + "self_attn.o_proj.weight"] = rand(h, h)
+        t[p + "post_attention_layernorm.weight"] = 1 + rand(h)
+        t[p + "mlp.gate_proj.weight"] = rand(i, h)
+        t[p + "mlp.up_proj.weight"] = rand(i, h)
+        t[p + "mlp.down_proj.weight"] = rand(h, i)
+    t["model.norm.weight"] = 1 + rand(h)
+    t["lm_head.weight"] = rand(v, h)
+    return t
+
+
+def make_pair(root: Path) -> tuple[Path, Path]:
+    sys.path.insert(0, str(REPO / "tests"))
+    from standins import make_tokenizer
+
+    folders = []
+    for name, seed in (("tinyllama-a", 1), ("tinyllama-b", 2)):
+        folder = root / name
+        if not (folder / "model.safetensors").exists():
+            print(f"writing {folder} ...", flush=True)
+            folder.mkdir(parents=True, exist_ok=True)
+            save_file(tinyllama_tensors(seed), folder / "model.safetensors", metadata={"format": "pt"})
+            (folder / "config.json").write_text(json.dumps(TINYLLAMA, indent=2))
+            make_tokenizer().save_pretrained(folder)
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def recipe_for(a: Path, b: Path) -> str:
+    """phigment6-slerp.yml with the pair's paths and 22-layer range; its t-curves unchanged."""
+    cfg = yaml.safe_load(SEED.read_text())
+    n = TINYLLAMA["num_hidden_layers"]
+    cfg["slices"][0]["sources"] = [
+        {"model": str(a), "layer_range": [0, n]},
+        {"model": str(b), "layer_range": [0, n]},
+    ]
+    cfg["base_model"] = str(a)
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def timed(cmd: list) -> float:
+    start = time.perf_counter()
+    r = subprocess.run([str(c) for c in cmd], env=ENV, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if r.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{r.stderr[-3000:]}")
+    return elapsed
+
+
+def same_tensors(x: Path, y: Path) -> tuple[int, int]:
+    """(tensors compared, tensors whose bits differ) between two single-file outputs."""
+    differ = 0
+    with safe_open(x / "model.safetensors", "pt") as fx, safe_open(y / "model.safetensors", "pt") as fy:
+        names = sorted(fx.keys())
+        if names != sorted(fy.keys()):
+            sys.exit("the two outputs hold different tensor names")
+        for k in names:
+            a, b = fx.get_tensor(k), fy.get_tensor(k)
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
+                differ += 1
+    return len(names), differ
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = ap.parse_args()
+    root = args.out.resolve()
+    a, b = make_pair(root / "models")
+    recipe = root / "tinyllama-slerp.yml"
+    recipe.write_text(recipe_for(a, b))
+    ours_out, theirs_out = root / "merged-mergesearch", root / "merged-mergekit"
+
+    ours_cmd = [BIN / "mergesearch", "merge", recipe, ours_out, "-q"]
+    theirs_cmd = [BIN / "mergekit-yaml", recipe, theirs_out]
+    # warm the page cache with the sources so neither tool pays the first read
+    for f in (a, b):
+        with open(f / "model.safetensors", "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+
+    times: dict[str, list[float]] = {"mergesearch merge": [], "mergekit-yaml": []}
+    for r in range(args.repeats):
+        order = [("mergesearch merge", ours_cmd, ours_out), ("mergekit-yaml", theirs_cmd, theirs_out)]
+        if r % 2:
+            order.reverse()
+        for name, cmd, out in order:
+            shutil.rmtree(out, ignore_errors=True)  # each run starts with no output folder
+            times[name].append(timed(cmd))
+            print(f"run {r + 1}: {name:18s} {times[name][-1]:6.2f} s", flush=True)
+
+    n, differ = same_tensors(ours_out, theirs_out)
+    ours, theirs = statistics.median(times["mergesearch merge"]), statistics.median(times["mergekit-yaml"])
+    print()
+    print(f"pair: TinyLlama-1.1B-shaped, bf16, {sum(1 for _ in a.iterdir())} files each; recipe {recipe}")
+    print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}")
+    print(f"{'tool':20s} {'median s':>9s} {'min s':>7s}   runs")
+    for name, ts in times.items():
+        print(f"{name:20s} {statistics.median(ts):9.2f} {min(ts):7.2f}   {', '.join(f'{t:.2f}' for t in ts)}")
+    print(f"speed-up (median): {theirs / ours:.1f}x   (target >= 3x)")
+    print(f"outputs: {n} tensors compared, {differ} differ in any bit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""lm-eval task folders for the zoo's skills: data (jsonl) plus one YAML per split.
+
+Task names follow the held-out convention the lmeval objective relies on:
+`<skill>_search` (what a search scores), `<skill>_heldout` (re-scoring of the top
+trials, never seen by the search) and `<skill>_test` (the final report).
+
+Scoring is teacher-forced: lm-eval's `loglikelihood` request returns `is_greedy`,
+whether greedy decoding would produce the whole target; with the target
+`answer</s>` that is exact match of a greedy generation that stops at EOS, for
+one batched forward pass instead of a token-by-token generation. lm-eval reports
+it as the metric `acc`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+SPLITS = ("search", "heldout", "test")
+
+
+def task_name(skill: str, split: str) -> str:
+    return f"{skill}_{split}"
+
+
+def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], final_folder: Path) -> None:
+    """Write `folder/<split>.jsonl` and `folder/<skill>_<split>.yaml` for every split.
+
+    The YAML names its data file by absolute path under `final_folder` (where the
+    folder will live once the zoo is complete): `datasets` resolves a relative
+    `data_files` against the current directory, not against the YAML.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+        config = {
+            "task": task_name(skill, split),
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {split: str(final_folder.resolve() / f"{split}.jsonl")}},
+            "test_split": split,
+            "output_type": "loglikelihood",
+            "doc_to_text": "{{prompt}}",
+            "doc_to_target": "{{answer}}</s>",
+            "target_delimiter": "",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metadata": {"version": 1.0},
+        }
+        (folder / f"{task_name(skill, split)}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

@@ -1,0 +1,357 @@
+"""Materializer: turn a recipe into tensors or a live model, in memory, as mergekit 0.1.5 builds it.
+
+Source models are loaded once, on first use, and stay resident. `state_dict()`
+gives exactly the tensors `mergekit-yaml` would write (same names, shapes,
+dtypes and bytes). `materialize()` gives a live transformers model for search
+workers: a candidate is written into the preallocated parameters of a resident
+model of its shape, and tensors the recipe takes unchanged point at the source
+tensors instead of being copied, so a candidate costs one pass over the tensors
+it actually merges and memory stays flat from one candidate to the next.
+
+Multi-stage recipes (mergekit-multi) run stage by stage; a later stage names an
+earlier one by its `name:`. Intermediates stay in memory, in the dtype
+mergekit-multi would have written them in, so the next stage sees the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.initialization import no_init_weights
+
+from search.errors import UserError
+from search.methods import Context, Inputs, StatCache
+from search.plan import Job, ModelInfo, StagePlan, plan_stage
+from search.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
+from search.sources import SourceModel, TensorInfo, load_source, read_config, read_tensor_infos
+
+
+def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
+    """The local folder a recipe's model name stands for: mapped, or a folder of that name."""
+    if name in model_map:
+        path = Path(model_map[name]).expanduser()
+        if not path.is_dir():
+            raise UserError(f"model {name}: mapped to {path}, which does not exist; fix the path in --model-map")
+        return path
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    raise UserError(
+        f"model {name}: neither mapped nor a local folder (no hub is reachable); "
+        f"pass --model-map {name}=/path/to/folder or use a local path"
+    )
+
+
+class Materializer:
+    def __init__(
+        self,
+        models: dict[str, str | Path],
+        device: str = "cpu",
+        *,
+        allow_pickle: bool = False,
+        cache_bytes: int = 2 << 30,
+        resident_models: int = 2,
+    ):
+        """models: name as written in recipes -> local HF folder (names that are local
+        folders themselves need no entry). cache_bytes bounds the per-pair statistics
+        kept across candidates; resident_models bounds the preallocated live models
+        (one per output shape)."""
+        self.model_map = {k: str(v) for k, v in models.items()}
+        self.device = device
+        self.allow_pickle = allow_pickle
+        self.cache = StatCache(cache_bytes)
+        self._sources: dict[str, SourceModel] = {}
+        self._infos: dict[str, ModelInfo] = {}
+        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
+        self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
+        self._resident_limit = resident_models
+        self._scratch = Context(cache=self.cache)._scratch  # shared scratch buffers, reused by every pass
+
+    # ---- sources -----------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return resolve_model_path(name, self.model_map)
+
+    def source(self, name: str) -> SourceModel:
+        """A source model, loaded on first use and kept resident."""
+        if name not in self._sources:
+            self._sources[name] = load_source(name, self.path(name), self.device, self.allow_pickle)
+        return self._sources[name]
+
+    def add_source(self, source: SourceModel) -> None:
+        """Make an already loaded model available to recipes under `source.name` (kept resident)."""
+        self._sources[source.name] = source
+        self._infos.pop(source.name, None)
+
+    def info(self, name: str) -> ModelInfo:
+        """Config and tensor shapes of a source, from its files' headers (no tensor is read)."""
+        if name not in self._infos:
+            if name in self._sources:
+                src = self._sources[name]
+                tensors = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in src.tensors.items()}
+                self._infos[name] = ModelInfo(name, src.config, tensors)
+            else:
+                path = self.path(name)
+                config = read_config(name, path)
+                self._infos[name] = ModelInfo(name, config, read_tensor_infos(name, path, self.allow_pickle))
+        return self._infos[name]
+
+    # ---- planning ----------------------------------------------------------------
+
+    def plan(self, recipe: Recipe | list[Recipe]) -> list[StagePlan | MoERecipe]:
+        """Validate every stage against its models before any tensor work."""
+        stages = as_stages(recipe)
+        check_stage_names(stages)
+        plans: list[StagePlan | MoERecipe] = []
+        earlier: dict[str, ModelInfo] = {}
+        for k, stage in enumerate(stages):
+            where = "recipe" if len(stages) == 1 else f"recipe (document {k + 1})"
+            if isinstance(stage, MoERecipe):
+                if k != len(stages) - 1:
+                    raise UserError(f"{where}: a mergekit-moe stage must be the last stage; move it to the end")
+                plans.append(stage)
+                continue
+            plan = plan_stage(stage, lambda n: earlier[n] if n in earlier else self.info(n), where)
+            self._check_vocabulary(stage, plan, earlier, where)
+            if stage.name:
+                earlier[stage.name] = plan.output
+            plans.append(plan)
+        return plans
+
+    def _check_vocabulary(self, stage: MergeRecipe, plan: StagePlan, earlier: dict, where: str) -> None:
+        """With `tokenizer_source`/`tokenizer`, mergekit rebuilds the vocabulary and re-indexes the
+        embeddings. Where every model has one vocabulary that fills its embedding rows, that
+        re-indexing is the identity and the merge is the plain one; other cases are refused."""
+        if not stage.tokenizer_source and not stage.tokenizer:
+            return
+        field = "tokenizer_source" if stage.tokenizer_source else "tokenizer"
+        settings = stage.tokenizer or {}
+        if settings.get("tokens"):
+            raise UserError(f"{where}: tokenizer.tokens is not supported in memory; remove it (or build this merge with mergekit)")
+        rows = {j.shape[0] for j in plan.jobs if j.name.endswith("embed_tokens.weight")}
+        vocabs = {}
+        for name in stage.referenced_models():
+            if name in earlier:
+                continue
+            vocabs[name] = self._vocabulary(name)
+        first = next(iter(vocabs.values()), None)
+        for name, v in vocabs.items():
+            if v != first:
+                raise UserError(
+                    f"{where}.{field}: {name}'s vocabulary differs from the other models'; "
+                    "mergesearch merges only models that share one tokenizer - remove the odd model or the tokenizer setting"
+                )
+        pad = settings.get("pad_to_multiple_of")
+        size = len(first or {})
+        if pad and size % pad:
+            size += pad - size % pad
+        if first is not None and rows and rows != {size}:
+            raise UserError(
+                f"{where}.{field}: the embeddings have {rows.pop()} rows but the tokenizer has {size} tokens, "
+                "so mergekit would resize them; remove the tokenizer setting to keep the rows as they are"
+            )
+
+    def _vocabulary(self, name: str) -> dict:
+        path = str(self.path(name))
+        if path not in self._tokenizers:
+            self._tokenizers[path] = transformers.AutoTokenizer.from_pretrained(path)
+        return self._tokenizers[path].get_vocab()
+
+    # ---- building ----------------------------------------------------------------
+
+    def state_dict(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """(config.json as a dict, output tensors by name), exactly as mergekit would write them.
+
+        Tensors a recipe takes unchanged are the resident source tensors themselves:
+        read them, do not modify them in place."""
+        plans = self.plan(recipe)
+        return self._build(plans, seed, outputs=None)
+
+    def materialize(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> transformers.PreTrainedModel:
+        """A live model in eval mode. Models of the same output shape are one resident model,
+        rewritten in place: do not keep a reference to the previous candidate's model."""
+        plans = self.plan(recipe)
+        final = plans[-1]
+        if isinstance(final, MoERecipe):
+            config, tensors = self._build(plans, seed, outputs=None)
+            resident = self._resident_model(config, list(tensors), next(iter(tensors.values())).dtype)
+            if resident is None:
+                return _model_from_tensors(config, tensors, self.device)
+            for name, tensor in tensors.items():
+                resident.assign(name, tensor, aliased=True)
+            return resident.model
+        dtype = final.output.tensors[final.jobs[0].name].dtype  # the dtype mergekit would store
+        resident = self._resident_model(final.config, [j.name for j in final.jobs], dtype)
+        if resident is None:  # names that do not map onto transformers' parameters
+            config, tensors = self._build(plans, seed, outputs=None)
+            return _model_from_tensors(config, tensors, self.device)
+        self._build(plans, seed, outputs=resident)
+        return resident.model
+
+    def tokenizer(self, recipe: Recipe | list[Recipe]) -> transformers.PreTrainedTokenizerBase:
+        """The tokenizer mergekit would save with the merge: tokenizer_source's, else the base model's."""
+        stages = as_stages(recipe)
+        names = {s.name: s for s in stages if s.name}
+        stage = stages[-1]
+        while True:
+            donor = _tokenizer_donor(stage)
+            if donor in names and names[donor] is not stage:
+                stage = names[donor]
+                continue
+            break
+        path = str(self.path(donor))
+        if path not in self._tokenizers:
+            self._tokenizers[path] = transformers.AutoTokenizer.from_pretrained(path)
+        return self._tokenizers[path]
+
+    # ---- internals ---------------------------------------------------------------
+
+    def _build(self, plans, seed, outputs: "_ResidentModel | None"):
+        earlier: dict[str, SourceModel] = {}
+        config, tensors = {}, {}
+        for k, plan in enumerate(plans):
+            last = k == len(plans) - 1
+            if isinstance(plan, MoERecipe):
+                from search.moe import build_moe  # the MoE helper's module; only MoE recipes need it
+
+                config, tensors = build_moe(plan, lambda n: earlier[n] if n in earlier else self.source(n), seed, self.device)
+                continue
+            # mergekit-multi runs each stage as its own mergekit run: each reseeds.
+            generator = None
+            if seed is not None and plan.method.randomized:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                if not plan.method.native:
+                    torch.manual_seed(seed)  # mergekit's own kernels draw from torch's global stream
+            config, tensors = plan.config, self._run_stage(plan, earlier, generator, outputs if last else None)
+            if plan.recipe.name and not last:
+                earlier[plan.recipe.name] = SourceModel(plan.recipe.name, Path(f"<stage {plan.recipe.name}>"), config, tensors)
+        return config, tensors
+
+    def _run_stage(self, plan: StagePlan, earlier: dict[str, SourceModel], generator, outputs: "_ResidentModel | None"):
+        ctx = Context(cache=self.cache, generator=generator, _scratch=self._scratch)
+        results: dict[str, torch.Tensor] = {}
+        for job in plan.execution_order():
+            inputs = self._inputs(plan, job, earlier)
+            native = inputs.tensors[0].dtype
+            target = outputs.owned.get(job.name) if outputs is not None else None
+            ctx.out = target if (target is not None and target.dtype == native) else None
+            if job.take_only_input:
+                result = inputs.tensors[0]
+            else:
+                result = plan.method.merge(inputs, job.shared, job.per_input, ctx)
+            if plan.out_dtype is not None and result.dtype != plan.out_dtype:
+                if target is not None and target.dtype == plan.out_dtype:
+                    result = target.copy_(result)
+                else:
+                    result = result.to(plan.out_dtype)
+            results[job.name] = result
+            if outputs is not None:
+                outputs.assign(job.name, result, aliased=any(result is t for t in inputs.tensors))
+        ctx.out = None
+        # The output in plan order (pre, layers, post), like mergekit's shards.
+        return {j.name: results[j.name] for j in plan.jobs}
+
+    def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel]) -> Inputs:
+        sources = [earlier[m] if m in earlier else self.source(m) for m in job.models]
+        dtypes = [s.tensors[n].dtype for s, n in zip(sources, job.tensors)]
+        work = plan.dtype or _promoted(dtypes)
+        tensors, keys = [], []
+        for m, s, n in zip(job.models, sources, job.tensors):
+            resident = m not in earlier  # intermediates change with every candidate: never cached
+            tensors.append(s.tensor(n, work) if resident else s.tensors[n].to(work))
+            keys.append((m, n, work) if resident else None)
+        return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index)
+
+    def _resident_model(self, config: dict, names: list[str], dtype: torch.dtype) -> "_ResidentModel | None":
+        """The live model for outputs of this config and dtype, made once (LRU of `resident_models`)."""
+        key = json.dumps(config, sort_keys=True) + str(dtype)
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            return self._resident[key]
+        resident = _ResidentModel.create(config, dtype, self.device, names)
+        if resident is None:
+            return None
+        self._resident[key] = resident
+        while len(self._resident) > self._resident_limit:
+            self._resident.popitem(last=False)
+        return resident
+
+
+class _ResidentModel:
+    """One live model whose parameters are rewritten per candidate.
+
+    Each parameter has an owned buffer allocated once (never touched until a
+    candidate computes into it); a parameter a candidate takes unchanged points
+    at the source tensor instead, and back at its owned buffer when computed again."""
+
+    def __init__(self, model: transformers.PreTrainedModel, params: dict[str, torch.nn.Parameter]):
+        self.model = model
+        self.params = params
+        self.owned = {name: p.data for name, p in params.items()}
+
+    @classmethod
+    def create(cls, config: dict, dtype: torch.dtype, device: str, names: list[str]) -> "_ResidentModel | None":
+        cfg = _hf_config(config)
+        with no_init_weights():
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.tie_weights()  # no_init_weights also skips tying
+        model.to(device).eval().requires_grad_(False)
+        params = dict(model.named_parameters())
+        if set(params) - set(names) or set(names) - set(dict(model.named_parameters(remove_duplicate=False))):
+            return None
+        return cls(model, {n: params[n] for n in names if n in params})
+
+    def assign(self, name: str, tensor: torch.Tensor, aliased: bool) -> None:
+        """Point parameter `name` at a source tensor (aliased) or put `tensor` in its owned buffer."""
+        p = self.params.get(name)
+        if p is None:
+            return  # a tied parameter, written through its twin
+        own = self.owned[name]
+        if aliased and tensor.dtype == own.dtype and tensor.shape == own.shape and tensor.device == own.device:
+            p.data = tensor
+            return
+        if tensor is not own:
+            own.copy_(tensor)
+        p.data = own
+
+
+def _hf_config(config: dict) -> transformers.PretrainedConfig:
+    d = dict(config)
+    model_type = d.pop("model_type")
+    return transformers.AutoConfig.for_model(model_type, **d)
+
+
+def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: str) -> transformers.PreTrainedModel:
+    """A model from tensors whose names need transformers' own checkpoint conversion (MoE)."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(config))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(tensors.values())).dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _tokenizer_donor(stage: Recipe) -> str:
+    if isinstance(stage, MergeRecipe):
+        if stage.tokenizer_source and stage.tokenizer_source not in ("base", "union"):
+            return stage.tokenizer_source
+        if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
+            return stage.tokenizer["source"]
+    return stage.base_model or stage.referenced_models()[0]
+
+
+def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+__all__ = ["Materializer", "resolve_model_path"]

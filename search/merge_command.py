@@ -1,0 +1,213 @@
+"""`mergesearch merge RECIPE.yml OUT_DIR`: build a mergekit recipe into an HF model folder.
+
+Accepts what `mergekit-yaml` accepts, what `mergekit-moe` accepts (recognised by
+its `experts:`) and multi-stage files as `mergekit-multi` reads them (documents
+separated by `---`, intermediates named with `name:`). Writes config.json,
+safetensors shards, the tokenizer, the recipe (mergekit_config.yml, or
+mergekit_moe_config.yml for a MoE config, as mergekit names them) and a README
+model card.
+
+OUT_DIR appears complete or not at all: the model is built in memory, written to
+a hidden folder beside OUT_DIR and renamed into place. An existing non-empty
+OUT_DIR is refused unless --overwrite is given; it is then replaced only once the
+new folder is complete. On any error nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from search import output, recipe
+from search.errors import UserError
+from search.recipe import MoERecipe, Recipe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit-yaml, mergekit-moe or multi-stage config")
+    parser.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write")
+    parser.add_argument(
+        "--model-map",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="build model NAME (as the recipe writes it, e.g. a hub id) from the local folder PATH; repeatable",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to do the math (default cpu)")
+    parser.add_argument("--random-seed", type=int, default=None, metavar="N", help="seed for DARE and random gates")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading .bin (pickle) checkpoints: runs code")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists and is not empty")
+    parser.add_argument(
+        "--out-shard-size",
+        default="5B",
+        metavar="SIZE",
+        help="bytes per safetensors shard, as mergekit's option (5B, 500M, ...; default 5B)",
+    )
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="progress lines on stderr even when it is not a terminal")
+    noise.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+
+class Progress:
+    """Progress lines on stderr: shown on a terminal (or with -v), never mixed into an error's one line when piped."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.start = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        if self.enabled:
+            print(f"[{time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def parse_model_map(items: list[str]) -> dict[str, str]:
+    mapping = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--model-map {item!r}: expected NAME=PATH, e.g. --model-map liminerity/phive=./phive")
+        mapping[name] = path
+    return mapping
+
+
+def source_model_names(stages: list[Recipe]) -> list[str]:
+    """Every model the stages read that no earlier stage builds, in order of first mention."""
+    built = {s.name for s in stages if s.name}
+    names = [n for s in stages for n in s.referenced_models() if n not in built]
+    return list(dict.fromkeys(names))
+
+
+def tokenizer_donor(stages: list[Recipe]) -> str:
+    """The model whose tokenizer files mergekit copies: the base model, else the first model.
+
+    For a multi-stage file, follow an intermediate back to the model it took its tokenizer from.
+    """
+    by_name = {s.name: s for s in stages if s.name}
+    stage = stages[-1]
+    for _ in range(len(stages)):
+        donor = stage.base_model or stage.referenced_models()[0]
+        if donor not in by_name:
+            return donor
+        stage = by_name[donor]
+    raise UserError("name: the stages refer to each other in a cycle; each stage may use only earlier ones")
+
+
+def recipe_file_name(stages: list[Recipe]) -> str:
+    # mergekit-moe writes its config as mergekit_moe_config.yml; mergekit-yaml as mergekit_config.yml
+    return "mergekit_moe_config.yml" if len(stages) == 1 and isinstance(stages[0], MoERecipe) else "mergekit_config.yml"
+
+
+def needs_built_tokenizer(stage: Recipe) -> bool:
+    """True when the tokenizer cannot be copied verbatim: mergekit builds or modifies it."""
+    if isinstance(stage, MoERecipe):
+        return True  # mergekit-moe re-saves the base tokenizer with left padding
+    return bool(stage.tokenizer_source or stage.tokenizer or stage.chat_template)
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        return _merge(args)
+    except UserError as e:
+        # The engine names its option as a Python argument; here it is a flag.
+        raise UserError(str(e).replace("allow_pickle=True", "--allow-pickle")) from None
+
+
+def _merge(args: argparse.Namespace) -> int:
+    progress = Progress(enabled=not args.quiet and (args.verbose or sys.stderr.isatty()))
+
+    # Everything that can be checked without loading a model is checked first.
+    recipe_path = Path(args.recipe)
+    if not recipe_path.is_file():
+        raise UserError(f"RECIPE.yml {args.recipe}: no such file; check the path")
+    recipe_text = recipe_path.read_text(encoding="utf-8")
+    stages = recipe.loads(recipe_text, where=str(recipe_path))
+    model_map = parse_model_map(args.model_map)
+    out_dir = output.check_destination(args.out_dir, args.overwrite)
+    shard_size = output.parse_size(args.out_shard_size)
+
+    from search.materialize import Materializer, resolve_model_path
+
+    models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
+    device = _check_device(args.device)
+
+    progress(f"loading {len(models)} model(s) onto {device}")
+    materializer = Materializer(models, device, allow_pickle=args.allow_pickle)
+    progress(f"merging ({len(stages)} stage(s))" if len(stages) > 1 else f"merging ({_what(stages[0])})")
+    config, tensors = materializer.state_dict(stages if len(stages) > 1 else stages[0], seed=args.random_seed)
+
+    final = stages[-1]
+    if needs_built_tokenizer(final):
+        tokenizer = materializer.tokenizer(stages if len(stages) > 1 else final)
+        if isinstance(final, MoERecipe):
+            tokenizer = _as_mergekit_moe_saves_it(tokenizer)
+    else:
+        tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
+
+    from search.model_card import model_card
+
+    file_name = recipe_file_name(stages)
+    files = {
+        file_name: recipe_text,
+        "README.md": model_card(stages, recipe_text, name=out_dir.name, recipe_file=file_name),
+    }
+    output.write_model_folder(
+        out_dir,
+        config,
+        tensors,
+        tokenizer=tokenizer,
+        files=files,
+        overwrite=args.overwrite,
+        max_shard_size=shard_size,
+        progress=progress,
+    )
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    progress(f"done: {len(tensors)} tensors, {size / 1e9:.2f} GB")
+    print(out_dir)
+    return 0
+
+
+def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
+    # A name written as a path (as mergekit tells them apart: leading / or ~, or more than
+    # one slash) is a folder that is missing, not a hub id to map.
+    looks_like_path = name.startswith(("/", "~", "./", "../")) or name.count("/") > 1
+    if name not in model_map and looks_like_path and not Path(name).expanduser().is_dir():
+        raise UserError(f"model {name}: no such folder; check the path in the recipe")
+    return resolve_model_path(name, model_map)
+
+
+def _what(stage: Recipe) -> str:
+    if isinstance(stage, MoERecipe):
+        return f"mixture of {len(stage.experts)} experts, gate_mode {stage.gate_mode}"
+    return stage.merge_method
+
+
+def _check_device(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def _tokenizer_folder(folder: Path) -> Path | None:
+    if output.has_tokenizer_files(Path(folder)):
+        return Path(folder)
+    # mergekit goes on without a tokenizer when the donor has none; so do we, but say so.
+    print(f"mergesearch merge: warning: {folder} has no tokenizer files; the output has no tokenizer", file=sys.stderr)
+    return None
+
+
+def _as_mergekit_moe_saves_it(tokenizer):
+    """mergekit-moe pads on the left with BOS (EOS when there is no BOS) before saving the base tokenizer."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)  # the Materializer keeps its own
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token_id = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,285 @@
+"""Writing a merged model as a Hugging Face folder, all at once or not at all.
+
+The folder mergekit writes: config.json, safetensors shards (one file when the
+model fits in one shard, else `model-0000i-of-0000N.safetensors` plus
+`model.safetensors.index.json`), the tokenizer, the recipe and a model card.
+
+Nothing is ever half-written: everything goes into a hidden temporary folder
+beside the destination, which is renamed into place only when complete. On any
+error, Ctrl-C included, the temporary folder is removed and the destination is
+as it was. An existing non-empty destination is refused unless `overwrite=True`,
+in which case it is replaced only after the new folder is complete.
+
+Used by `mergesearch merge` and by the search driver's export.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from search.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported by whoever made the tensors; checking a path needs none
+    import torch
+
+# mergekit's default `--out-shard-size` (5B): bytes per shard, not parameters.
+DEFAULT_SHARD_SIZE = 5 * 1000**3
+
+# The files mergekit copies from the donor model when it copies a tokenizer verbatim.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "merges.txt",
+    "vocab.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "chat_template.json",
+)
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def parse_size(text: str | int) -> int:
+    """'5B', '500M', '20K' or a plain number of bytes -> bytes (mergekit's --out-shard-size syntax)."""
+    if isinstance(text, int):
+        return text
+    s = str(text).strip()
+    units = {"k": 1000, "m": 1000**2, "b": 1000**3, "g": 1000**3}
+    try:
+        if s and s[-1].lower() in units:
+            value = int(float(s[:-1]) * units[s[-1].lower()])
+        else:
+            value = int(s)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"--out-shard-size {text!r}: expected a positive size such as 5B, 500M or 2000000")
+    return value
+
+
+# ---- the destination folder ------------------------------------------------
+
+
+def check_destination(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Fail early (before any merging) if `out_dir` cannot be written as asked."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not out_dir.is_dir():
+            raise UserError(f"OUT_DIR {out_dir}: exists and is not a folder; choose another path")
+        if any(out_dir.iterdir()) and not overwrite:
+            raise UserError(f"OUT_DIR {out_dir}: exists and is not empty; choose another path or pass --overwrite")
+    for parent in out_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir() or not os.access(parent, os.W_OK):
+                raise UserError(f"OUT_DIR {out_dir}: cannot write into {parent}; choose another path")
+            break
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it becomes `out_dir`, on error it vanishes.
+
+    Missing parent folders are created, and removed again if the write fails.
+    """
+    out_dir = check_destination(out_dir, overwrite)
+    created = [p for p in reversed(out_dir.absolute().parents) if not p.exists()]
+    for p in created:
+        p.mkdir()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; give it a normal folder's mode
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if not out_dir.exists():
+        os.rename(tmp, out_dir)
+        return
+    # Replacing: the old folder is moved aside first, so a failed rename can restore it.
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+    os.rmdir(old)
+    os.rename(out_dir, old)
+    try:
+        os.rename(tmp, out_dir)
+    except BaseException:
+        os.rename(old, out_dir)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- tensors ---------------------------------------------------------------
+
+
+def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int = DEFAULT_SHARD_SIZE) -> list[list[str]]:
+    """Split tensor names into shards in order, as mergekit's TensorWriter does.
+
+    A shard is closed when the next tensor would push it past `max_shard_size`
+    bytes; a tensor larger than that gets a shard of its own.
+    """
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and max_shard_size > 0 and size + nbytes > max_shard_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return ["model.safetensors"]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def write_safetensors_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """Write `tensors` to one safetensors file straight from their memory; return the bytes of tensor data.
+
+    safetensors' `serialize_file` reads each tensor through its pointer, so nothing
+    is copied on the way to disk. Unlike `save_file`, it accepts two names for one
+    tensor: a layer a recipe repeats (passthrough) is written twice, as mergekit does.
+    """
+    import safetensors
+
+    alive = []  # the CPU tensors whose pointers the writer reads; must outlive the call
+    specs = {}
+    total = 0
+    for name, t in tensors.items():
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        if not t.is_contiguous():
+            t = t.contiguous()
+        alive.append(t)
+        nbytes = t.numel() * t.element_size()
+        specs[name] = safetensors.TensorSpec(
+            dtype=str(t.dtype).removeprefix("torch."),
+            shape=list(t.shape),
+            data_ptr=t.data_ptr() if nbytes else 0,
+            data_len=nbytes,
+        )
+        total += nbytes
+    safetensors.serialize_file(specs, str(path), metadata={"format": "pt", **(metadata or {})})
+    del alive
+    return total
+
+
+def write_tensors(
+    folder: Path,
+    tensors: dict[str, torch.Tensor],
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Progress = _quiet,
+) -> list[str]:
+    """Write `tensors` into `folder` as mergekit shards them; return the shard file names."""
+    shards = plan_shards(tensors, max_shard_size)
+    names = shard_file_names(len(shards))
+    weight_map = {}
+    total = 0
+    for i, (file_name, shard) in enumerate(zip(names, shards)):
+        progress(f"writing {file_name} ({i + 1}/{len(shards)}, {len(shard)} tensors)")
+        total += write_safetensors_file(folder / file_name, {n: tensors[n] for n in shard})
+        weight_map.update({n: file_name for n in shard})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total, "mergesearch_version": _version()}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mergesearch")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ---- config and tokenizer --------------------------------------------------
+
+
+def write_config(folder: Path, config: dict) -> None:
+    # transformers' own layout of config.json: sorted keys, two-space indent.
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:
+    """Copy the tokenizer files of a model folder verbatim, as mergekit does; return the names copied."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def has_tokenizer_files(source: Path) -> bool:
+    return (source / "tokenizer_config.json").is_file() and (
+        (source / "tokenizer.json").is_file() or (source / "tokenizer.model").is_file()
+    )
+
+
+# ---- the whole folder ------------------------------------------------------
+
+
+def write_model_folder(
+    out_dir: str | Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    *,
+    tokenizer=None,
+    files: dict[str, str] | None = None,
+    overwrite: bool = False,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    progress: Progress = _quiet,
+) -> Path:
+    """Write an HF model folder at `out_dir` atomically and return its path.
+
+    tokenizer: a folder to copy tokenizer files from (verbatim, as mergekit does
+        when it can), a tokenizer object (saved with `save_pretrained`), or None.
+    files: extra text files by name, e.g. {"mergekit_config.yml": ..., "README.md": ...}.
+    """
+    out_dir = Path(out_dir)
+    with atomic_folder(out_dir, overwrite) as tmp:
+        write_config(tmp, config)
+        write_tensors(tmp, tensors, max_shard_size, progress)
+        if tokenizer is not None:
+            progress("writing the tokenizer")
+            if isinstance(tokenizer, (str, Path)):
+                copy_tokenizer_files(Path(tokenizer), tmp)
+            else:
+                tokenizer.save_pretrained(tmp)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return out_dir

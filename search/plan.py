@@ -1,0 +1,272 @@
+"""Plan a merge: which inputs and parameters make each output tensor, as mergekit 0.1.5 plans it.
+
+Planning reads only config.json files and safetensors headers. Everything that
+can be wrong with a recipe is found here, before any tensor is touched, and
+reported as a one-line UserError naming the field and the fix.
+
+mergekit's plan, which this follows:
+- `models:` is one slice over every layer of each model (the base model is
+  added as a source when it is not listed);
+- embeddings are planned over the first slice's sources, the final norm and
+  head over the last slice's; both sit at t = 0 on gradients;
+- the layers of each slice in turn, layer i of n at t = i / (n - 1);
+- a shared parameter (`t`) is resolved on the output tensor's name from the
+  slice's, then the recipe's parameters; a per-model parameter (`weight`) on
+  the input tensor's name from that model's entry first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from search.architectures import Architecture, WeightSpec, architecture_of, output_config
+from search.errors import UserError
+from search.methods import Method, get_method
+from search.parameters import anchor_values, layer_position, resolve
+from search.recipe import InputSlice, MergeRecipe, OutputSlice
+from search.sources import TensorInfo
+
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+@dataclass
+class ModelInfo:
+    """What planning needs to know of a model: its config and its tensors' shapes and dtypes."""
+
+    name: str
+    config: dict
+    tensors: dict[str, TensorInfo]
+    arch: Architecture = field(init=False)
+
+    def __post_init__(self):
+        self.arch = architecture_of(self.config, f"model {self.name}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.arch.num_layers(self.config)
+
+
+@dataclass
+class Job:
+    """One output tensor: read `tensors[i]` from `models[i]`, merge with these parameters."""
+
+    name: str
+    models: list[str]
+    tensors: list[str]
+    base_index: int | None
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    shape: tuple[int, ...]
+    label: str  # mergekit runs its tensors in order of this name (it matters to random methods)
+    take_only_input: bool = False  # an optional tensor present in one model only: copied from it
+
+
+@dataclass
+class StagePlan:
+    recipe: MergeRecipe
+    method: Method
+    jobs: list[Job]
+    config: dict  # output config.json
+    dtype: torch.dtype | None  # inputs are converted to this before merging
+    out_dtype: torch.dtype | None  # outputs are converted to this
+    output: ModelInfo  # the merge as later stages see it
+
+    def execution_order(self) -> list[Job]:
+        """The order tensors are merged in: mergekit's, where random draws make order matter."""
+        if not self.method.randomized:
+            return self.jobs
+        return [j for _, _, j in sorted((j.label, i, j) for i, j in enumerate(self.jobs))]
+
+
+def parse_dtype(name: str | None, field_name: str) -> torch.dtype | None:
+    if not name:
+        return None
+    dtype = DTYPES.get(name.removeprefix("torch."))
+    if dtype is None:
+        raise UserError(f"{field_name}: {name!r} is not a dtype mergekit knows; use one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def _parameter_levels(recipe: MergeRecipe):
+    """(where, parameters, is-per-model level) for every parameters block in the recipe."""
+    yield "parameters", recipe.parameters, False
+    for i, m in enumerate(recipe.models or []):
+        yield f"models[{i}].parameters", m.parameters, True
+    for i, s in enumerate(recipe.slices or []):
+        yield f"slices[{i}].parameters", s.parameters, False
+        for j, src in enumerate(s.sources):
+            yield f"slices[{i}].sources[{j}].parameters", src.parameters, True
+
+
+def check_parameters(recipe: MergeRecipe, method: Method) -> None:
+    """Unknown names, shared parameters set per model, and t outside [0, 1]."""
+    known = {p.name: p for p in method.params}
+    for where, params, per_model in _parameter_levels(recipe):
+        for name, setting in (params or {}).items():
+            if name not in known:
+                use = f"use {', '.join(known)}" if known else "it takes none; remove it"
+                raise UserError(f"{where}.{name}: {method.name} has no parameter {name!r}; {use}")
+            if per_model and known[name].scope == "shared":
+                raise UserError(
+                    f"{where}.{name}: {name} applies to the whole tensor, not to one model; "
+                    "move it to the slice's or the recipe's parameters"
+                )
+            if name == "t":
+                for v in anchor_values(setting):
+                    x = known[name].validate(v)
+                    if not 0 <= x <= 1:
+                        raise UserError(f"{where}.t: {v} is outside [0, 1]; t runs from 0 (the base model) to 1 (the other model)")
+
+
+def _as_slices(recipe: MergeRecipe, info: Callable[[str], ModelInfo]) -> list[OutputSlice]:
+    if recipe.slices:
+        return recipe.slices
+    names = [m.model for m in recipe.models]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise UserError(f"models[{i}].model: {n} is listed twice; list each model once")
+    sources = [InputSlice(model=m.model, layer_range=(0, info(m.model).num_layers), parameters=m.parameters) for m in recipe.models]
+    if recipe.base_model and recipe.base_model not in names:
+        sources.append(InputSlice(model=recipe.base_model, layer_range=(0, info(recipe.base_model).num_layers)))
+    return [OutputSlice(sources=sources)]
+
+
+def _check_slice(i: int, s: OutputSlice, base: str | None, method: Method, info: Callable[[str], ModelInfo], form: str) -> None:
+    where = f"slices[{i}]" if form == "slices" else "models"
+    names = [src.model for src in s.sources]
+    for j, n in enumerate(names):
+        if n in names[:j]:
+            raise UserError(f"{where}: {n} appears twice as a source; a slice takes each model once")
+    if method.base == "required" and base is None:
+        raise UserError(f"base_model: {method.name} needs a base model; add `base_model:` naming one of the models")
+    if method.base != "ignored" and base is not None and base not in names:
+        raise UserError(f"{where}: base_model {base} is not among the sources; add it as a source of this slice")
+    count = len(names)
+    if count < method.min_inputs:
+        raise UserError(f"{where}: {method.name} needs at least {method.min_inputs} models, got {count}; add models")
+    if method.max_inputs is not None and count > method.max_inputs:
+        need = f"exactly {method.min_inputs}" if method.min_inputs == method.max_inputs else f"at most {method.max_inputs}"
+        raise UserError(f"{where}: {method.name} takes {need} model(s) per slice, got {count}; remove the extra ones")
+    for j, src in enumerate(s.sources):
+        n = info(src.model).num_layers
+        start, end = src.layer_range
+        if end > n:
+            raise UserError(
+                f"{where}.sources[{j}].layer_range: [{start}, {end}] is outside {src.model}, which has {n} layers; "
+                f"use a range within [0, {n}]"
+            )
+
+
+def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str = "recipe") -> StagePlan:
+    """Validate one mergekit-yaml recipe against its models and plan every output tensor."""
+    method = get_method(recipe.merge_method)
+    check_parameters(recipe, method)
+    dtype = parse_dtype(recipe.dtype, "dtype")
+    out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
+
+    referenced = recipe.referenced_models()
+    infos = {n: info(n) for n in referenced}
+    first = infos[referenced[0]]
+    for n, i in infos.items():
+        if i.arch is not first.arch:
+            raise UserError(
+                f"{where}: {n} is {i.config['architectures'][0]} but {first.name} is "
+                f"{first.config['architectures'][0]}; merge models of one architecture"
+            )
+    arch = first.arch
+
+    slices = _as_slices(recipe, info)
+    for i, s in enumerate(slices):
+        _check_slice(i, s, s.base_model or recipe.base_model, method, info, "slices" if recipe.slices else "models")
+
+    jobs: list[Job] = []
+
+    def plan_tensor(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
+        base = s.base_model or recipe.base_model
+        if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
+            return  # absent everywhere (a tied head): mergekit writes nothing
+        shared_levels = (s.parameters, recipe.parameters)
+        shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
+        read_models, read_names, per_input = [], [], []
+        for m, w in zip(models, ins):
+            present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
+            if not present:
+                if out.optional:
+                    continue
+                raise UserError(f"{where}: model {m} has no tensor {w.name}; it does not fit a {arch.name} merge")
+            levels = [src.parameters for src in s.sources if src.model == m] + [s.parameters, recipe.parameters]
+            per_input.append(
+                {
+                    p.name: resolve(p, levels, w.name, t, model=m)
+                    for p in method.params
+                    if p.scope == "input" or (p.scope == "non_base" and m != base)
+                }
+            )
+            read_models.append(m)
+            read_names.append(present[0])
+        shapes = {infos[m].tensors[n].shape for m, n in zip(read_models, read_names)}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{m}: {list(infos[m].tensors[n].shape)}" for m, n in zip(read_models, read_names))
+            raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; merge models of the same size")
+        base_index = read_models.index(base) if (method.base != "ignored" and base in read_models) else None
+        single = out.optional and len(read_models) == 1 and len(models) > 1 and method.passthrough_singleton
+        if method.base == "required" and base_index is None and not single:
+            raise UserError(f"{where}: {out.name} is missing from base model {base}; pick a base model that has it")
+        jobs.append(
+            Job(
+                name=out.name,
+                models=read_models,
+                tensors=read_names,
+                base_index=base_index,
+                shared=shared,
+                per_input=per_input,
+                shape=shapes.pop(),
+                label=max(read_names),
+                take_only_input=single,
+            )
+        )
+
+    first_slice, last_slice = slices[0], slices[-1]
+    for w in arch.pre:
+        plan_tensor(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
+    out_layer = 0
+    for s in slices:
+        depth = s.num_layers
+        for offset in range(depth):
+            t = layer_position(offset, depth)
+            outs = arch.layer_weights(out_layer)
+            ins = [arch.layer_weights(src.layer_range[0] + offset) for src in s.sources]
+            for k, w in enumerate(outs):
+                plan_tensor(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
+            out_layer += 1
+    for w in arch.post:
+        # mergekit pairs the last slice's models with as many inputs as the first slice has.
+        models = [src.model for src in last_slice.sources][: len(first_slice.sources)]
+        plan_tensor(w, [w] * len(models), models, last_slice, 0.0)
+
+    donor = infos[recipe.base_model] if recipe.base_model else first
+    num_layers = out_layer if recipe.slices else donor.num_layers
+    config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
+
+    out_tensors = {}
+    for j in jobs:
+        in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
+        work = dtype or _promoted(in_dtypes)
+        out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
+    output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
+    return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
+
+
+def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out

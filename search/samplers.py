@@ -1,0 +1,66 @@
+"""Optuna samplers by name, seeded.
+
+`tpe` is the default: multivariate (parameters are modelled jointly — a slerp
+curve's anchors interact) with the constant liar, so that trials still running on
+other workers count as pending and asynchronous workers do not all sample the
+same point.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any
+
+import optuna
+
+from search.errors import UserError
+
+SINGLE_OBJECTIVE_ONLY = ("cmaes",)
+
+
+def _by_name(name: str, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    s = optuna.samplers
+    if name == "tpe":
+        return s.TPESampler(**{"multivariate": True, "constant_liar": True, "seed": seed, **options})
+    if name == "cmaes":
+        return s.CmaEsSampler(**{"seed": seed, **options})
+    if name == "gp":
+        return s.GPSampler(**{"seed": seed, **options})
+    if name == "nsga2":
+        return s.NSGAIISampler(**{"seed": seed, **options})
+    if name == "random":
+        return s.RandomSampler(**{"seed": seed, **options})
+    if name == "qmc":
+        # scrambled, or the seed would change nothing
+        return s.QMCSampler(**{"seed": seed, "scramble": True, "warn_asynchronous_seeding": False, **options})
+    raise UserError(f"sampler: unknown sampler {name!r}; use tpe, cmaes, gp, nsga2, random, qmc or a dotted class path")
+
+
+def _by_path(path: str, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    module, _, attr = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        raise UserError(f"sampler: cannot import {path!r}; check the dotted path") from None
+    try:
+        accepts_seed = "seed" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        accepts_seed = False
+    kwargs = {"seed": seed, **options} if accepts_seed else dict(options)
+    sampler = cls(**kwargs)
+    if not isinstance(sampler, optuna.samplers.BaseSampler):
+        raise UserError(f"sampler: {path!r} is not an optuna sampler (a subclass of optuna.samplers.BaseSampler)")
+    return sampler
+
+
+def build_sampler(
+    name: str, seed: int, n_objectives: int = 1, options: dict[str, Any] | None = None
+) -> optuna.samplers.BaseSampler:
+    options = dict(options or {})
+    if n_objectives > 1 and name in SINGLE_OBJECTIVE_ONLY:
+        raise UserError(f"sampler: {name} handles one objective and this run has {n_objectives}; use nsga2 or tpe")
+    try:
+        return _by_path(name, seed, options) if "." in name else _by_name(name, seed, options)
+    except TypeError as e:
+        raise UserError(f"sampler: bad options for {name}: {e}; check the option names") from None

@@ -1,0 +1,133 @@
+"""Source models: a local HF folder read once into memory and kept there.
+
+Only safetensors are read by default: a pickle checkpoint (`.bin`, `.pt`) can run
+code when it is loaded, so it needs `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from search.errors import UserError
+
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
+
+
+@dataclass
+class SourceModel:
+    name: str
+    path: Path
+    config: dict  # config.json contents
+    tensors: dict[str, torch.Tensor]  # every stored tensor, resident on the device
+    # The same tensors converted to another dtype, made once on first use (a recipe's `dtype:`).
+    converted: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = self.tensors[name]
+        if dtype is None or t.dtype == dtype:
+            return t
+        cache = self.converted.setdefault(dtype, {})
+        if name not in cache:
+            cache[name] = t.to(dtype)
+        return cache[name]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+_ST_DTYPES = {
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_config(name: str, path: Path) -> dict:
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise UserError(f"model {name}: {path} does not exist; check the path or --model-map")
+    if not cfg.is_file():
+        raise UserError(f"model {name}: {path} has no config.json; point it at a Hugging Face model folder")
+    try:
+        return json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"model {name}: {cfg} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+
+
+def safetensors_files(name: str, path: Path, allow_pickle: bool = False) -> list[Path]:
+    """The weight files of a folder; UserError when there are none or only pickles."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UserError(f"model {name}: shard {missing[0]} listed in {index.name} is missing; re-download the model")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    loose = sorted(path.glob("*.safetensors"))
+    if loose:
+        return loose
+    pickles = [p for p in _PICKLE_FILES if (path / p).exists()] + [p.name for p in sorted(path.glob("pytorch_model-*.bin"))]
+    if pickles:
+        if allow_pickle:
+            return []
+        raise UserError(
+            f"model {name}: {path / pickles[0]} is a pickle checkpoint, which can run code when loaded; "
+            "convert it to safetensors, or pass allow_pickle=True if you trust it"
+        )
+    raise UserError(f"model {name}: {path} holds no model.safetensors; point it at a folder with safetensors weights")
+
+
+def read_tensor_infos(name: str, path: Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
+    """Names, shapes and dtypes from the safetensors headers, without reading any tensor."""
+    files = safetensors_files(name, path, allow_pickle)
+    if not files:  # a pickle the caller allowed: no header to read, so load it
+        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in _load_pickles(path).items()}
+    infos = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                sl = st.get_slice(key)
+                infos[key] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
+    return infos
+
+
+def _load_pickles(path: Path) -> dict[str, torch.Tensor]:
+    index = path / "pytorch_model.bin.index.json"
+    files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else []
+    files = files or [path / p for p in _PICKLE_FILES if (path / p).is_file() and p.endswith((".bin", ".pt", ".pth"))]
+    out = {}
+    for f in files:
+        out.update(torch.load(f, map_location="cpu", weights_only=True))
+    return out
+
+
+def load_source(name: str, path: Path, device: str = "cpu", allow_pickle: bool = False) -> SourceModel:
+    path = Path(path)
+    config = read_config(name, path)
+    files = safetensors_files(name, path, allow_pickle)
+    tensors: dict[str, torch.Tensor] = {}
+    if files:
+        for f in files:
+            tensors.update(load_file(f, device=device))
+    else:
+        tensors = {k: v.to(device) for k, v in _load_pickles(path).items()}
+    return SourceModel(name=name, path=path, config=config, tensors=tensors)

@@ -1,0 +1,149 @@
+"""A search worker: a Ray actor that builds candidates in memory and scores them.
+
+The source models are loaded once (by the Materializer, lazily, then resident)
+and the objectives are built once; each trial only materializes a candidate and
+runs the objective stages. Workers never touch the Optuna study: each call
+returns scores and timings, and the driver decides.
+
+A trial is scored in stages so that the driver can prune between them: `begin`
+builds the candidate and scores the first stage, `advance` scores the next stage
+on the candidate still resident from `begin`. A worker keeps one candidate at a
+time; the next `begin` replaces it.
+
+Calls never raise for a bad candidate: an exception in materialize or score is
+returned as {"ok": False, "error": ...}, so the worker stays up for the next trial.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+# A stage: the (objective index, fidelity) pairs scored in one round trip.
+StageJobs = list[tuple[int, Any]]
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".strip()
+
+
+class Worker:
+    """Use through `ray.remote(Worker)`; plain Python so it can be tested and read without Ray."""
+
+    def __init__(
+        self,
+        worker_id: str,
+        models: dict[str, str],
+        objective_specs: list[dict],
+        base_dir: str,
+        seed: int | None = None,
+        allow_pickle: bool = False,
+        threads: int | None = None,
+    ):
+        import torch
+
+        from objectives import build_objectives
+        from search.materialize import Materializer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.worker_id = worker_id
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.seed = seed
+        self.materializer = Materializer(models, self.device, allow_pickle=allow_pickle)
+        self.objectives = build_objectives(objective_specs, Path(base_dir))
+        self.trial: int | None = None
+        self.model = None
+        self.tokenizer = None
+        self.busy_s = 0.0
+
+    def info(self) -> dict[str, Any]:
+        import socket
+
+        node = None
+        try:
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+        except Exception:  # not under Ray
+            pass
+        return {"worker": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(), "node": node,
+                "device": self.device}
+
+    # ---- one trial, stage by stage -----------------------------------------
+
+    def _drop(self) -> None:
+        self.trial, self.model, self.tokenizer = None, None, None
+
+    def _score(self, jobs: StageJobs) -> list[float]:
+        import torch
+
+        with torch.inference_mode():
+            return [float(self.objectives[i].score(self.model, self.tokenizer, fidelity)) for i, fidelity in jobs]
+
+    def begin(self, trial: int, recipe_yaml: str, jobs: StageJobs) -> dict[str, Any]:
+        """Build the candidate of `trial` and score its first stage."""
+        from search import recipe as recipes
+
+        t0 = time.perf_counter()
+        self._drop()
+        try:
+            stages = recipes.loads(recipe_yaml, where=f"trial {trial}")
+            model = self.materializer.materialize(stages, seed=self.seed)
+            self.tokenizer = self.materializer.tokenizer(stages)
+            self.model, self.trial = model, trial
+            t1 = time.perf_counter()
+            scores = self._score(jobs)
+        except Exception as e:  # a bad candidate fails its trial, not the worker
+            self._drop()
+            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+        t2 = time.perf_counter()
+        return self._result(t0, ok=True, scores=scores, materialize_s=t1 - t0, score_s=t2 - t1)
+
+    def advance(self, trial: int, jobs: StageJobs, last: bool = False) -> dict[str, Any]:
+        """Score the next stage on the candidate `begin` left resident."""
+        t0 = time.perf_counter()
+        if self.trial != trial:
+            return self._result(t0, ok=False, error=f"worker holds no candidate for trial {trial}")
+        try:
+            scores = self._score(jobs)
+        except Exception as e:
+            self._drop()
+            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+        if last:
+            self._drop()
+        return self._result(t0, ok=True, scores=scores, score_s=time.perf_counter() - t0)
+
+    def release(self) -> None:
+        self._drop()
+
+    def heldout(self, trial: int, recipe_yaml: str, objective_indices: list[int]) -> dict[str, Any]:
+        """Score a finished trial again on the held-out split of each objective."""
+        import torch
+
+        from search import recipe as recipes
+
+        t0 = time.perf_counter()
+        self._drop()
+        try:
+            stages = recipes.loads(recipe_yaml, where=f"trial {trial}")
+            model = self.materializer.materialize(stages, seed=self.seed)
+            tokenizer = self.materializer.tokenizer(stages)
+            with torch.inference_mode():
+                scores = [float(self.objectives[i].score_heldout(model, tokenizer)) for i in objective_indices]
+        except Exception as e:
+            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+        finally:
+            model = tokenizer = None
+        return self._result(t0, ok=True, scores=scores)
+
+    def _result(self, t0: float, **fields: Any) -> dict[str, Any]:
+        busy = time.perf_counter() - t0
+        self.busy_s += busy
+        return {"busy_s": busy, "worker_busy_total_s": self.busy_s, **fields}

@@ -1,0 +1,415 @@
+"""`mergesearch merge` end to end against mergekit 0.1.5 as the oracle.
+
+Every seed recipe, a recipe per merge method and a multi-stage file are built twice:
+by the real `mergesearch` console script (hub names mapped to stand-ins with
+--model-map) and by mergekit's own scripts (`mergekit-yaml`, `mergekit-moe`,
+`mergekit-multi`, on a copy of the recipe with the names replaced by the stand-in
+paths). The folders must hold the same tensors: names, shapes, dtypes and bits.
+Stand-ins have the architecture and depth of the models the seeds name, at tiny width.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from standins import make_finetune, make_standin  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SEEDS = REPO.parent / "shared" / "seeds"
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+# Hub name -> (architecture, depth, init seed, fine-tune of): the models the seeds name
+# (seeds/README.md), at tiny width. Experts and DPO pairs are fine-tunes of one base,
+# as the real ones are.
+STANDINS = {
+    "liminerity/phive": ("phi", 32, 11, None),
+    "mobiuslabsgmbh/aanaphi2-v0.1": ("phi", 32, 12, None),
+    "openchat/openchat-3.5-0106": ("mistral", 32, 21, None),
+    "AetherResearch/Cerebrum-1.0-7b": ("mistral", 32, 22, None),
+    "mistralai/Mistral-7B-v0.1": ("mistral", 32, 23, None),
+    "meta-llama/Llama-2-7b-hf": ("llama", 32, 31, None),
+    "tokyotech-llm/Swallow-7b-hf": ("llama", 32, 32, None),
+    "tokyotech-llm/Swallow-7b-instruct-hf": ("llama", 32, 33, "tokyotech-llm/Swallow-7b-hf"),
+    "nitky/Superswallow-7b-v0.1": ("llama", 32, 34, "tokyotech-llm/Swallow-7b-hf"),
+    "nitky/Superswallow-7b-v0.2": ("llama", 32, 35, "tokyotech-llm/Swallow-7b-hf"),
+    "nitky/Superswallow-7b-v0.3": ("llama", 32, 36, "tokyotech-llm/Swallow-7b-hf"),
+    "HuggingFaceH4/zephyr-7b-gemma-v0.1": ("gemma", 28, 41, None),
+    "SakanaAI/DiscoPOP-zephyr-7b-gemma": ("gemma", 28, 42, "HuggingFaceH4/zephyr-7b-gemma-v0.1"),
+    # small models for the per-method and multi-stage recipes
+    "toy/base": ("llama", 4, 51, None),
+    "toy/math": ("llama", 4, 52, "toy/base"),
+    "toy/code": ("llama", 4, 53, "toy/base"),
+    "toy/chat": ("llama", 4, 54, "toy/base"),
+}
+
+SEED_FILES = sorted(SEEDS.glob("*.yml"))
+
+# Router weights of random gates are drawn from torch's generator; the two tools draw
+# them in different orders, so only their names, shapes and dtypes must agree.
+RANDOM_GATE = ".mlp.gate.weight"
+
+
+class Zoo:
+    """Stand-in folders, built on first use and shared by every test of the session."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths: dict[str, Path] = {}
+
+    def path(self, name: str) -> Path:
+        if name not in self.paths:
+            if name not in STANDINS:
+                raise KeyError(f"no stand-in for {name!r}: add it to STANDINS in {Path(__file__).name}")
+            arch, depth, seed, parent = STANDINS[name]
+            folder = self.root / name.replace("/", "--")
+            if parent:
+                make_finetune(folder, self.path(parent), seed=seed, scale=0.01)
+            else:
+                make_standin(folder, arch, depth, seed=seed)
+            self.paths[name] = folder
+        return self.paths[name]
+
+    def model_map(self, names) -> list[str]:
+        return [arg for n in names for arg in ("--model-map", f"{n}={self.path(n)}")]
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> Zoo:
+    return Zoo(tmp_path_factory.mktemp("standins"))
+
+
+# ---- helpers ---------------------------------------------------------------
+
+
+def hub_names(text: str) -> list[str]:
+    """The model names a recipe reads (every value of a `model`, `base_model` or `source_model` key)."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("model", "base_model", "source_model", "tokenizer_source") and isinstance(v, str):
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    for d in docs:
+        walk(d)
+    stage_names = {d.get("name") for d in docs}
+    return [n for n in dict.fromkeys(found) if n not in stage_names]
+
+
+def with_paths(text: str, paths: dict[str, Path]) -> str:
+    """The recipe with every model name replaced by its stand-in folder, for mergekit."""
+
+    def sub(node):
+        if isinstance(node, dict):
+            return {k: sub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [sub(v) for v in node]
+        if isinstance(node, str) and node in paths:
+            return str(paths[node])
+        return node
+
+    docs = [sub(d) for d in yaml.safe_load_all(text) if d]
+    return yaml.safe_dump_all(docs, sort_keys=False)
+
+
+def start(cmd: list, **kw) -> subprocess.Popen:
+    return subprocess.Popen([str(c) for c in cmd], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finish(proc: subprocess.Popen, what: str) -> str:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"{what} failed (exit {proc.returncode}):\n{err[-4000:]}"
+    return out
+
+
+def build_both(recipe_text: str, zoo: Zoo, tmp: Path, oracle: str, seed: int = 0) -> tuple[Path, Path]:
+    """Build the recipe with `mergesearch merge` and with mergekit's `oracle` script, side by side."""
+    names = hub_names(recipe_text)
+    paths = {n: zoo.path(n) for n in names}
+    ours_recipe = tmp / "recipe.yml"
+    ours_recipe.write_text(recipe_text)
+    theirs_recipe = tmp / "recipe_paths.yml"
+    theirs_recipe.write_text(with_paths(recipe_text, paths))
+    ours, theirs = tmp / "ours", tmp / "theirs"
+
+    ours_cmd = [BIN / "mergesearch", "merge", ours_recipe, ours, "--random-seed", seed, *zoo.model_map(names)]
+    if oracle == "mergekit-multi":
+        theirs_cmd = [BIN / oracle, theirs_recipe, "--out-path", theirs, "-I", tmp / "intermediates"]
+    else:
+        theirs_cmd = [BIN / oracle, theirs_recipe, theirs]
+    theirs_cmd += ["--random-seed", seed]
+    # Both run at once: the machine has two cores and each run is mostly start-up.
+    p_ours, p_theirs = start(ours_cmd), start(theirs_cmd)
+    out = finish(p_ours, "mergesearch merge")
+    finish(p_theirs, oracle)
+    assert out.strip() == str(ours), "mergesearch merge prints the folder it wrote on stdout"
+    return ours, theirs
+
+
+def read_folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder; if sharded, the index must name exactly the shards and tensors present."""
+    files = sorted(folder.glob("*.safetensors"))
+    assert files, f"no safetensors in {folder}"
+    tensors: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
+    for f in files:
+        part = load_file(f)
+        assert not set(part) & set(tensors), f"tensor names repeated across shards in {folder}"
+        tensors.update(part)
+        where.update({k: f.name for k in part})
+    index = folder / "model.safetensors.index.json"
+    if len(files) > 1:
+        assert json.loads(index.read_text())["weight_map"] == where
+    else:
+        assert files[0].name == "model.safetensors" and not index.exists()
+    return tensors
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+def assert_same_tensors(ours: Path, theirs: Path, values_except: str | None = None) -> int:
+    a, b = read_folder_tensors(ours), read_folder_tensors(theirs)
+    assert sorted(a) == sorted(b), f"tensor names differ: only ours {sorted(set(a) - set(b))[:5]}, only mergekit's {sorted(set(b) - set(a))[:5]}"
+    differ = []
+    for name in sorted(a):
+        x, y = a[name], b[name]
+        assert (x.shape, x.dtype) == (y.shape, y.dtype), f"{name}: ours {x.dtype}{list(x.shape)}, mergekit {y.dtype}{list(y.shape)}"
+        if values_except and values_except in name:
+            continue
+        if not torch.equal(bits(x), bits(y)):
+            diff = (x.float() - y.float()).abs().max().item()
+            differ.append(f"{name} (max |diff| {diff:.3g})")
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ from mergekit's, e.g. {differ[:5]}"
+    return len(a)
+
+
+def assert_same_config(ours: Path, theirs: Path) -> None:
+    a = json.loads((ours / "config.json").read_text())
+    b = json.loads((theirs / "config.json").read_text())
+    for cfg in (a, b):
+        cfg.pop("transformers_version", None)
+    differ = {k: (a.get(k), b.get(k)) for k in set(a) | set(b) if a.get(k) != b.get(k)}
+    assert not differ, f"config.json differs from mergekit's (ours, mergekit's): {differ}"
+
+
+def assert_same_tokenizer(ours: Path, theirs: Path) -> None:
+    files = [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json") if (theirs / f).exists()]
+    assert files, "mergekit wrote no tokenizer; the stand-ins have one"
+    for f in files:
+        assert (ours / f).exists(), f"{f} missing from our output"
+        assert json.loads((ours / f).read_text()) == json.loads((theirs / f).read_text()), f"{f} differs from mergekit's"
+
+
+def assert_recipe_and_card(ours: Path, recipe_text: str, recipe_file: str, names: list[str]) -> None:
+    assert (ours / recipe_file).read_text() == recipe_text, f"{recipe_file} is the recipe as given"
+    card = (ours / "README.md").read_text()
+    assert "mergesearch" in card and recipe_text.strip() in card
+    for n in names:
+        assert n in card, f"the model card does not name {n}"
+    leftovers = [p.name for p in ours.parent.iterdir() if p.name.startswith(".")]
+    assert not leftovers, f"temporary folders left beside the output: {leftovers}"
+
+
+# ---- (a) every seed ----------------------------------------------------------
+
+
+def test_seeds_are_present():
+    assert len(SEED_FILES) >= 7, f"expected the seed recipes in {SEEDS}"
+
+
+@pytest.mark.parametrize("seed_file", SEED_FILES, ids=[f.stem for f in SEED_FILES])
+def test_seed_matches_mergekit(seed_file: Path, zoo: Zoo, tmp_path: Path):
+    text = seed_file.read_text()
+    moe = "experts" in (yaml.safe_load(text) or {})
+    ours, theirs = build_both(text, zoo, tmp_path, "mergekit-moe" if moe else "mergekit-yaml")
+    assert_same_tensors(ours, theirs, values_except=RANDOM_GATE if moe else None)
+    assert_same_config(ours, theirs)
+    assert_same_tokenizer(ours, theirs)
+    recipe_file = "mergekit_moe_config.yml" if moe else "mergekit_config.yml"
+    assert (theirs / recipe_file).exists(), f"mergekit names its recipe copy {recipe_file}"
+    assert_recipe_and_card(ours, text, recipe_file, hub_names(text))
+
+
+# ---- every method ------------------------------------------------------------
+
+METHOD_RECIPES = {
+    "linear": """
+merge_method: linear
+models:
+  - model: toy/math
+    parameters: {weight: 0.7}
+  - model: toy/code
+    parameters: {weight: [0.1, 0.9]}
+dtype: bfloat16
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: toy/base
+models:
+  - model: toy/math
+    parameters: {weight: 0.6}
+  - model: toy/code
+    parameters:
+      weight:
+        - filter: mlp
+          value: [0.2, 1.0]
+        - value: 0.4
+dtype: bfloat16
+""",
+    "ties": """
+merge_method: ties
+base_model: toy/base
+models:
+  - model: toy/math
+    parameters: {weight: 0.5, density: 0.5}
+  - model: toy/code
+    parameters: {weight: 0.5, density: 0.7}
+  - model: toy/chat
+    parameters: {weight: 0.3, density: 0.9}
+parameters: {normalize: true}
+dtype: bfloat16
+""",
+    "dare_ties": """
+merge_method: dare_ties
+base_model: toy/base
+models:
+  - model: toy/math
+    parameters: {weight: 0.5, density: 0.5}
+  - model: toy/code
+    parameters: {weight: 0.5, density: 0.6}
+dtype: bfloat16
+""",
+    "dare_linear": """
+merge_method: dare_linear
+base_model: toy/base
+models:
+  - model: toy/math
+    parameters: {weight: 0.6, density: 0.4}
+  - model: toy/chat
+    parameters: {weight: 0.4, density: 0.8}
+dtype: float32
+""",
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_RECIPES))
+def test_method_matches_mergekit(method: str, zoo: Zoo, tmp_path: Path):
+    text = METHOD_RECIPES[method].lstrip()
+    ours, theirs = build_both(text, zoo, tmp_path, "mergekit-yaml", seed=7)
+    assert_same_tensors(ours, theirs)
+    assert_same_config(ours, theirs)
+    assert_recipe_and_card(ours, text, "mergekit_config.yml", hub_names(text))
+
+
+# ---- (b) multi-stage ---------------------------------------------------------
+
+MULTI_STAGE = """\
+name: blend
+merge_method: task_arithmetic
+base_model: toy/base
+models:
+  - model: toy/math
+    parameters: {weight: 0.7}
+  - model: toy/code
+    parameters: {weight: 0.5}
+dtype: bfloat16
+---
+merge_method: slerp
+base_model: blend
+slices:
+  - sources:
+      - model: blend
+        layer_range: [0, 4]
+      - model: toy/chat
+        layer_range: [0, 4]
+parameters:
+  t:
+    - filter: self_attn
+      value: [0.1, 0.9]
+    - value: 0.4
+dtype: bfloat16
+"""
+
+
+def test_multi_stage_matches_mergekit_multi(zoo: Zoo, tmp_path: Path):
+    ours, theirs = build_both(MULTI_STAGE, zoo, tmp_path, "mergekit-multi")
+    assert_same_tensors(ours, theirs)
+    assert_same_config(ours, theirs)
+    assert_same_tokenizer(ours, theirs)
+    assert_recipe_and_card(ours, MULTI_STAGE, "mergekit_config.yml", ["toy/base", "toy/math", "toy/code", "toy/chat"])
+    assert not (ours.parent / "blend").exists(), "intermediates stay in memory"
+
+
+# ---- output folder behaviour -------------------------------------------------
+
+
+def run_merge(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "mergesearch"), "merge", *map(str, args)], env=ENV, capture_output=True, text=True)
+
+
+def test_sharded_output_is_complete_and_indexed(zoo: Zoo, tmp_path: Path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(METHOD_RECIPES["linear"])
+    out = tmp_path / "nested" / "out"
+    r = run_merge(recipe, out, "--out-shard-size", "100K", *zoo.model_map(["toy/math", "toy/code"]))
+    assert r.returncode == 0, r.stderr
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    tensors = read_folder_tensors(out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_existing_output_is_kept_unless_overwrite(zoo: Zoo, tmp_path: Path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(METHOD_RECIPES["linear"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    maps = zoo.model_map(["toy/math", "toy/code"])
+
+    r = run_merge(recipe, out, *maps)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+    r = run_merge(recipe, out, "--overwrite", *maps)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
+
+
+def test_existing_empty_output_folder_is_used(zoo: Zoo, tmp_path: Path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(METHOD_RECIPES["linear"])
+    (tmp_path / "out").mkdir()
+    r = run_merge(recipe, tmp_path / "out", "-q", *zoo.model_map(["toy/math", "toy/code"]))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_verbose_reports_progress_on_stderr(zoo: Zoo, tmp_path: Path):
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(METHOD_RECIPES["linear"])
+    r = run_merge(recipe, tmp_path / "out", "-v", *zoo.model_map(["toy/math", "toy/code"]))
+    assert r.returncode == 0, r.stderr
+    assert "loading 2 model(s)" in r.stderr and "writing model.safetensors" in r.stderr
