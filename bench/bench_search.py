@@ -13,7 +13,17 @@ Utilization: two workers, trials whose scoring takes a fixed time (sleep 0.25 s 
 of the real build and forward pass); each worker's busy time as the worker measured
 it, over the wall time of the search loop.
 
---write replaces the "## Search" section of BENCHMARKS.md (other sections are kept).
+Pruning (`--pruning`): the demo's search (runs/demo.yaml: task-arithmetic weights over the toy
+zoo's four specialists, lm-eval accuracy in stages of 16, 64 and 256 examples per task) with
+no pruner (N trials), and with the median pruner and successive halving (2N trials: pruned
+trials are cheap), several seeds each. Afterwards every completed trial is scored on the
+held-out split (in this process, outside the search). The target of a seed is the best held-out
+score of its run without a pruner; we count the evaluation compute (examples scored per task,
+summed over stages and trials; and the workers' scoring seconds) each run spent until a
+completed trial first reached it.
+
+--write replaces the "## Search" section of BENCHMARKS.md (with --pruning: the
+"## Search: pruning" section); other sections are kept.
 """
 
 from __future__ import annotations
@@ -133,6 +143,10 @@ def utilization(work: Path, models: dict, budget: int) -> dict:
     return util
 
 
+def flow(data: dict) -> str:
+    return yaml.safe_dump(data, default_flow_style=True, width=1000).strip()
+
+
 def mean(xs) -> float:
     return sum(xs) / len(xs)
 
@@ -143,13 +157,14 @@ def report(seeds: list[int], slerp: dict, layout: dict, util: dict, budgets: dic
         "",
         f"Measured by `bench/bench_search.py` on {platform.machine()}, {os.cpu_count()} cores, CPU only, "
         "tiny stand-in llama models (hidden 64; 4 layers for slerp, 8 for layouts), local Ray, "
-        f"{time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/bench_search.py --seeds {len(seeds)} --write` (about 15 minutes). Seeds {seeds[0]}..{seeds[-1]}; one worker per recovery run, so each run "
+        f"{time.strftime('%Y-%m-%d')}. Command: `.venv/bin/python bench/bench_search.py --seeds {len(seeds)} --write` "
+        f"(about 15 minutes). Seeds {seeds[0]}..{seeds[-1]}; one worker per recovery run, so each run "
         "is deterministic for its seed.",
         "",
         "### Recovery of a hidden target (objective: -MSE of logits against the target merge's)",
         "",
-        f"Slerp curves (`{yaml.safe_dump(SLERP_SPACE, default_flow_style=True, width=1000).strip()}`), 4 anchors, target "
-        f"{SLERP_TARGET}; {budgets['slerp']} trials. Error = largest |t - t_target| over the anchors of the best trial.",
+        f"Slerp curves (`{flow(SLERP_SPACE)}`), 4 anchors, target {SLERP_TARGET}; {budgets['slerp']} trials. "
+        "Error = largest |t - t_target| over the anchors of the best trial.",
         "",
         "| sampler | mean error | max error | per seed | runs within 0.1 |",
         "| --- | --- | --- | --- | --- |",
@@ -171,8 +186,8 @@ def report(seeds: list[int], slerp: dict, layout: dict, util: dict, budgets: dic
         lines.append(f"| {sampler} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Slice layout (`{yaml.safe_dump(LAYOUT_SPACE, default_flow_style=True, width=1000).strip()}`, 30 (width, stride) "
-        f"points), target width 4 / stride 2 = {[(m, list(r)) for m, r in LAYOUT_TARGET]}; {budgets['layout']} trials.",
+        f"Slice layout (`{flow(LAYOUT_SPACE)}`, 30 (width, stride) points), target width 4 / stride 2 = "
+        f"{[(m, list(r)) for m, r in LAYOUT_TARGET]}; {budgets['layout']} trials.",
         "",
         "| sampler | exact layout found | first found at trial (per seed) |",
         "| --- | --- | --- |",
@@ -219,16 +234,129 @@ NOTES = [
 ]
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, title: str = "## Search") -> None:
     path = ROOT / "BENCHMARKS.md"
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    start = old.find("\n## Search\n")
+    start = old.find(f"\n{title}\n")
     if start < 0:
         new = old.rstrip("\n") + "\n\n" + text
     else:
         end = old.find("\n## ", start + 1)
         new = old[: start + 1] + text + ("\n" + old[end + 1:] if end >= 0 else "")
     records.write_atomic(path, new)
+
+
+# ---- pruning: evaluation compute to the best held-out score ---------------------------------
+
+PRUNERS = ("none", "median", "successive_halving")
+
+
+def demo_spec(zoo: Path) -> dict:
+    """runs/demo.yaml with its paths made absolute, so the spec can live anywhere."""
+    spec = yaml.safe_load((ROOT / "runs" / "demo.yaml").read_text())
+    spec["models"] = {k: str((ROOT / "runs" / v).resolve()) for k, v in spec["models"].items()}
+    for o in spec["objectives"]:
+        if "include_path" in o:
+            o["include_path"] = str((ROOT / "runs" / o["include_path"]).resolve())
+    return spec
+
+
+def examples_scored(record: dict) -> int:
+    """Examples per task this trial's stages scored (a stage at fidelity f scores the first f)."""
+    return sum(s["step"] if s["step"] is not None else FULL_STAGE for s in record["stages"])
+
+
+FULL_STAGE = 256  # the demo's last fidelity: a run without a pruner scores only this stage
+
+
+def pruning_runs(work: Path, seeds: list[int], budget: int) -> dict:
+    from objectives import build_objectives
+
+    zoo = ROOT / "runs" / "zoo"
+    if not (zoo / "zoo.json").is_file():
+        raise SystemExit("no toy zoo in runs/zoo: build it first with `mergesearch zoo runs/zoo`")
+    base = demo_spec(zoo)
+    objective = build_objectives(base["objectives"], work)[0]
+    materializer = Materializer(base["models"])
+    heldout_cache: dict[str, float] = {}
+
+    def heldout(recipe_text: str) -> float:
+        if recipe_text not in heldout_cache:
+            stages = recipes.loads(recipe_text)
+            model = materializer.materialize(stages, seed=0)
+            heldout_cache[recipe_text] = objective.score_heldout(model, materializer.tokenizer(stages))
+        return heldout_cache[recipe_text]
+
+    out: dict = {}
+    for seed in seeds:
+        runs = {}
+        for pruner in PRUNERS:
+            name = f"demo_{pruner}_{seed}"
+            trials_budget = budget if pruner == "none" else 2 * budget
+            data = {**base, "name": name, "pruner": pruner, "seed": seed, "trials": trials_budget, "heldout_top_k": 0}
+            path = work / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            run(load_spec(path), quiet=True)
+            recs = trials(work / name)
+            steps = []  # (cumulative examples, cumulative seconds, held-out score or None) after each trial
+            examples = seconds = 0.0
+            for r in sorted(recs, key=lambda r: r["timings"].get("finished", 0)):  # in the order they finished
+                examples += examples_scored(r)
+                seconds += sum(r["timings"].get("score_s", []))
+                h = heldout(r["recipe"]) if r["state"] == "COMPLETE" else None
+                steps.append((examples, seconds, h))
+            runs[pruner] = {"steps": steps, "pruned": sum(r["state"] == "PRUNED" for r in recs)}
+            best = max(h for _, _, h in steps if h is not None)
+            print(f"seed {seed} {pruner}: best held-out {best:.4f}, {runs[pruner]['pruned']} pruned, "
+                  f"{examples:.0f} examples, {seconds:.1f} s scoring", flush=True)
+        target = max(h for _, _, h in runs["none"]["steps"] if h is not None)
+        for r in runs.values():
+            reached = next((i for i, (_, _, h) in enumerate(r["steps"]) if h is not None and h >= target), None)
+            r["to_target"] = None if reached is None else {
+                "trials": reached + 1, "examples": r["steps"][reached][0], "seconds": r["steps"][reached][1]}
+            r["total"] = {"trials": len(r["steps"]), "examples": r["steps"][-1][0], "seconds": r["steps"][-1][1]}
+        out[seed] = {"target": target, "runs": runs}
+    return out
+
+
+def pruning_report(results: dict, budget: int) -> str:
+    lines = [
+        "## Search: pruning",
+        "",
+        f"Measured by `bench/bench_search.py --pruning` on {platform.machine()}, {os.cpu_count()} cores, CPU only, "
+        f"{time.strftime('%Y-%m-%d')}: the demo's search (runs/demo.yaml on the toy zoo of runs/zoo; TPE, "
+        f"2 workers; lm-eval accuracy over four skills in stages of 16, 64 and 256 examples per task), "
+        f"{budget} trials without a pruner, {2 * budget} with one. Every completed trial is then scored on the "
+        "held-out split; the target of a seed is the best held-out score its run without a pruner found. "
+        "Compute = examples scored per task, summed over stages and trials in the order they finished (a run "
+        "without a pruner scores only the 256-example stage; one with a pruner pays 16 + 64 + 256 for a trial "
+        "it lets through), and the workers' scoring seconds.",
+        "",
+        "| seed | target (held-out acc) | pruner | pruned | trials to target | examples to target | "
+        "seconds to target | vs none (examples) | total examples |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    ratios: dict[str, list[float]] = {p: [] for p in PRUNERS}
+    for seed, res in results.items():
+        none = res["runs"]["none"]["to_target"]["examples"]
+        for pruner, r in res["runs"].items():
+            t, total = r["to_target"], r["total"]
+            if t is None:  # not reached: at least everything it spent
+                ratios[pruner].append(float("inf"))
+                lines.append(f"| {seed} | {res['target']:.4f} | {pruner} | {r['pruned']} | not in {total['trials']} | "
+                             f"> {total['examples']:.0f} | > {total['seconds']:.1f} | - | {total['examples']:.0f} |")
+                continue
+            ratio = t["examples"] / none
+            ratios[pruner].append(ratio)
+            lines.append(f"| {seed} | {res['target']:.4f} | {pruner} | {r['pruned']} | {t['trials']} | "
+                         f"{t['examples']:.0f} | {t['seconds']:.1f} | {ratio:.2f} | {total['examples']:.0f} |")
+    summary = []
+    for p, v in ratios.items():
+        reached = [x for x in v if x != float("inf")]
+        summary.append(f"{p}: reached on {len(reached)}/{len(v)} seeds"
+                       + (f", median {statistics.median(reached):.2f}" if reached else ""))
+    lines += ["", "Compute to the target relative to no pruner (examples): " + "; ".join(summary) + ".", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -239,6 +367,8 @@ def main() -> None:
     ap.add_argument("--samplers", default="tpe,random,gp", help="samplers for the slerp recovery (tpe and random "
                     "always run on both spaces)")
     ap.add_argument("--utilization-trials", type=int, default=40)
+    ap.add_argument("--pruning", action="store_true", help="run the pruning benchmark instead (needs runs/zoo)")
+    ap.add_argument("--pruning-trials", type=int, default=40)
     ap.add_argument("--write", action="store_true", help="replace the ## Search section of BENCHMARKS.md")
     args = ap.parse_args()
 
@@ -246,6 +376,16 @@ def main() -> None:
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     seeds = list(range(args.seeds))
+    if args.pruning:
+        with tempfile.TemporaryDirectory(prefix="bench_pruning_") as tmp:
+            results = pruning_runs(Path(tmp), seeds, args.pruning_trials)
+        ray.shutdown()
+        text = pruning_report(results, args.pruning_trials)
+        print(text)
+        if args.write:
+            write_section(text, "## Search: pruning")
+            print(f"wrote the ## Search: pruning section of {ROOT / 'BENCHMARKS.md'}")
+        return
     budgets = {"slerp": args.slerp_trials, "layout": args.layout_trials}
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
         work = Path(tmp)

@@ -192,7 +192,9 @@ class Driver:
 
         spec = self.spec
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise UserError(f"{self.run_dir}: a file is in the way of the run folder; move it or choose another `name:`")
+            raise UserError(
+                f"{self.run_dir}: a file is in the way of the run folder; move it or choose another `name:`"
+            )
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what matters
         self.space = build_space(spec.space, read_model_infos(spec.models))
         objectives = build_objectives(spec.objectives, spec.base_dir)

@@ -28,7 +28,9 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     run_dir = Path(run_dir)
     meta_path, trials_path = run_dir / "run.json", run_dir / "trials.jsonl"
     if not meta_path.is_file() or not trials_path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no run.json / trials.jsonl); give the folder `mergesearch run` wrote")
+        raise UserError(
+            f"{run_dir}: not a run folder (no run.json / trials.jsonl); give the folder `mergesearch run` wrote"
+        )
     return records.read_json(meta_path), records.read_trials(trials_path)
 
 
@@ -74,7 +76,8 @@ def find_trial(recs: list[dict], number: int) -> dict:
     for r in recs:
         if r["trial"] == number:
             if not r.get("recipe"):
-                raise UserError(f"--trial {number}: that trial has no recipe ({r['state']}: {r.get('reason')}); pick another")
+                why = f"{r['state']}: {r.get('reason')}"
+                raise UserError(f"--trial {number}: that trial has no recipe ({why}); pick another")
             return r
     raise UserError(f"--trial {number}: no such trial in this run; see trials.jsonl for the numbers")
 

@@ -156,7 +156,8 @@ def _resolve_model(alias: str, value: str, base_dir: Path) -> str:
         if isinstance(cached, str):
             return str(Path(cached).parent)
     raise UserError(
-        f"models.{alias}: no model folder at {value!r} (relative to {base_dir}); fix the path or download the model first"
+        f"models.{alias}: no model folder at {value!r} (relative to {base_dir}); "
+        "fix the path or download the model first"
     )
 
 

@@ -139,8 +139,6 @@ class Worker:
                 scores = [float(self.objectives[i].score_heldout(model, tokenizer)) for i in objective_indices]
         except Exception as e:
             return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
-        finally:
-            model = tokenizer = None
         return self._result(t0, ok=True, scores=scores)
 
     def _result(self, t0: float, **fields: Any) -> dict[str, Any]:

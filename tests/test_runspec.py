@@ -12,7 +12,7 @@ import yaml
 
 from search.errors import UserError
 from search.pruners import build_pruner
-from search.runspec import load_spec, parse_spec
+from search.runspec import load_spec
 from search.samplers import build_sampler
 from search.storage import mask, open_storage
 

@@ -79,6 +79,13 @@ def test_rebuild_is_bit_identical_and_cached(zoo, tmp_path):
     mtime = (again / "base" / "model.safetensors").stat().st_mtime_ns
     build_zoo(again, seed=0, scale=SCALE, log=messages.append)
     assert "reusing" in messages[0] and (again / "base" / "model.safetensors").stat().st_mtime_ns == mtime
+    # Moved elsewhere: reused, its tasks now name their new folder.
+    moved = tmp_path / "moved"
+    again.rename(moved)
+    build_zoo(moved, seed=0, scale=SCALE, log=lambda line: None)
+    config = yaml.safe_load((moved / "tasks" / "fst" / "fst_test.yaml").read_text())
+    assert config["dataset_kwargs"]["data_files"]["test"] == str(moved.resolve() / "tasks" / "fst" / "test.jsonl")
+    moved.rename(again)
     # Another seed: rebuilt in place, with other weights.
     build_zoo(again, seed=1, scale=SCALE, log=lambda line: None)
     assert (again / "base" / "model.safetensors").read_bytes() != first["base/model.safetensors"]

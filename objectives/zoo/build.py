@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from objectives.zoo import skills as zoo_skills
-from objectives.zoo.tasks import SPLITS, task_name, write_task_folder
+from objectives.zoo.tasks import SPLITS, repoint_task_folder, task_name, write_task_folder
 from objectives.zoo.tokenizer import make_tokenizer
 from objectives.zoo.train import init_model, train
 from search.errors import UserError
@@ -71,10 +71,15 @@ def build_zoo(folder: str | Path, seed: int = 0, scale: float = 1.0, log: Callab
     """
     folder = Path(folder).resolve()
     if is_complete(folder, seed, scale):
+        manifest = read_manifest(folder)
+        for skill in manifest["skills"]:
+            repoint_task_folder(folder / "tasks" / skill)  # in case the zoo was moved here
         log(f"zoo: {folder} already holds the zoo of seed {seed}; reusing it")
-        return read_manifest(folder)
+        return manifest
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file; give a folder for the zoo")
     if folder.exists() and any(folder.iterdir()) and read_manifest(folder) is None:
-        raise UserError(f"zoo: {folder} exists and is not a zoo; give a new or empty folder")
+        raise UserError(f"{folder} exists and is not a zoo; give a new or empty folder for the zoo")
 
     started = time.time()
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"

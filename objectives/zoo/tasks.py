@@ -50,3 +50,14 @@ def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], f
             "metadata": {"version": 1.0},
         }
         (folder / f"{task_name(skill, split)}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def repoint_task_folder(folder: Path) -> None:
+    """Make every YAML in `folder` name the jsonl beside it (after the zoo was moved or copied)."""
+    for path in sorted(folder.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        files = config["dataset_kwargs"]["data_files"]
+        wanted = {split: str(folder.resolve() / f"{split}.jsonl") for split in files}
+        if files != wanted:
+            config["dataset_kwargs"]["data_files"] = wanted
+            path.write_text(yaml.safe_dump(config, sort_keys=False))
