@@ -105,6 +105,20 @@ class ResidentHFLM(HFLM):
 
 
 @contextmanager
+def no_dataset_progress_bars():
+    """`datasets` draws a bar per split it prepares: noise when a worker builds its tasks."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+@contextmanager
 def no_progress_bars():
     """Silence the progress bar lm-eval draws while building a task's requests (a worker's log is no terminal)."""
     original = lm_eval.api.task.tqdm
@@ -311,7 +325,8 @@ class LmEvalObjective(Objective):
         """Build the tasks (datasets loaded, few-shot set) and remember each entry's leaf tasks."""
         merged = {"tasks": {}, "groups": {}, "group_map": {}, "leaves": {}}
         for name in names:
-            loaded = self.manager.load([name])  # one at a time, so a group or tag maps to its own leaves
+            with no_dataset_progress_bars():
+                loaded = self.manager.load([name])  # one at a time, so a group or tag maps to its own leaves
             merged["tasks"].update(loaded["tasks"])
             merged["groups"].update(loaded["groups"])
             merged["group_map"].update(loaded["group_map"])

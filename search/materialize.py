@@ -25,7 +25,7 @@ from transformers.initialization import no_init_weights
 
 from search.errors import UserError
 from search.methods import Context, Inputs, StatCache
-from search.plan import Job, ModelInfo, StagePlan, plan_stage
+from search.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
 from search.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
 from search.sources import SourceModel, TensorInfo, load_source, read_config, read_tensor_infos
 
@@ -69,7 +69,7 @@ class Materializer:
         self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
-        self._scratch = Context(cache=self.cache)._scratch  # shared scratch buffers, reused by every pass
+        self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
 
     # ---- sources -----------------------------------------------------------------
 
@@ -232,7 +232,7 @@ class Materializer:
         return config, tensors
 
     def _run_stage(self, plan: StagePlan, earlier: dict[str, SourceModel], generator, outputs: "_ResidentModel | None"):
-        ctx = Context(cache=self.cache, generator=generator, _scratch=self._scratch)
+        ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers)
         results: dict[str, torch.Tensor] = {}
         for job in plan.execution_order():
             inputs = self._inputs(plan, job, earlier)
@@ -258,7 +258,7 @@ class Materializer:
     def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel]) -> Inputs:
         sources = [earlier[m] if m in earlier else self.source(m) for m in job.models]
         dtypes = [s.tensors[n].dtype for s, n in zip(sources, job.tensors)]
-        work = plan.dtype or _promoted(dtypes)
+        work = plan.dtype or promoted_dtype(dtypes)
         tensors, keys = [], []
         for m, s, n in zip(job.models, sources, job.tensors):
             resident = m not in earlier  # intermediates change with every candidate: never cached
@@ -345,13 +345,6 @@ def _tokenizer_donor(stage: Recipe) -> str:
         if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
             return stage.tokenizer["source"]
     return stage.base_model or stage.referenced_models()[0]
-
-
-def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        out = torch.promote_types(out, d)
-    return out
 
 
 __all__ = ["Materializer", "resolve_model_path"]

@@ -259,13 +259,14 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     out_tensors = {}
     for j in jobs:
         in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
-        work = dtype or _promoted(in_dtypes)
+        work = dtype or promoted_dtype(in_dtypes)
         out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
     output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
 
 
-def _promoted(dtypes: list[torch.dtype]) -> torch.dtype:
+def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
+    """The dtype mergekit computes in when no `dtype:` is given: the inputs' promoted dtype."""
     out = dtypes[0]
     for d in dtypes[1:]:
         out = torch.promote_types(out, d)

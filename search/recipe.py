@@ -19,11 +19,13 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from search.errors import UserError
+
 Scalar = Union[bool, int, float, str]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe that cannot be built; the message is one line naming the field and the fix."""
 
 
@@ -215,6 +217,8 @@ def _one_line(err: ValidationError) -> str:
     first = err.errors()[0]
     where = _where(first["loc"])
     msg = first["msg"].removeprefix("Value error, ")
+    if where == "(top level)" and first["type"] == "value_error":
+        return msg  # a model-level check: its message already starts with the field it names
     if first["type"] == "extra_forbidden":
         msg = "unknown key; remove it or check its spelling against mergekit's schema"
     elif first["type"] == "missing":

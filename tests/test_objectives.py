@@ -35,6 +35,15 @@ STRENGTH = 20.0
 # --- fixtures --------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and lose much when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def constant_model(tmp_path_factory):
     """A tiny Llama + the zoo's char tokenizer, from a real HF folder; predicts 'a' until told otherwise."""

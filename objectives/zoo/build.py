@@ -63,11 +63,16 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def build_zoo(folder: str | Path, seed: int = 0, scale: float = 1.0, log: Callable[[str], None] = _print) -> dict:
+def build_zoo(
+    folder: str | Path, seed: int = 0, scale: float = 1.0, threads: int | None = 1, log: Callable[[str], None] = _print
+) -> dict:
     """Build (or reuse) the zoo in `folder`; returns its manifest, including the skill x model matrix.
 
     `scale` multiplies every training step count: 1.0 is the real zoo, small values
-    give a fast, untrained-but-complete zoo for tests.
+    give a fast, untrained-but-complete zoo for tests. `threads`: torch threads while
+    building (None: torch's default). One by default: a 1 M-parameter model gains
+    little from a second thread and loses several-fold when other jobs share the
+    cores. The weights do not depend on it.
     """
     folder = Path(folder).resolve()
     if is_complete(folder, seed, scale):
@@ -85,12 +90,16 @@ def build_zoo(folder: str | Path, seed: int = 0, scale: float = 1.0, log: Callab
     tmp = folder.parent / f".{folder.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    threads_before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     try:
         manifest = _build(tmp, folder, seed, scale, log)
         manifest["build_seconds"] = round(time.time() - started, 1)
         _write_json(tmp / MANIFEST, manifest)
         _swap_into_place(tmp, folder)
     finally:
+        torch.set_num_threads(threads_before)
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"zoo: built in {manifest['build_seconds']:.0f} s -> {folder}")
     return manifest

@@ -11,6 +11,7 @@ from search.errors import UserError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR", help="folder to build the zoo in (reused if it already holds the same zoo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of everything: data, weights, training order (default 0)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while building (default 1: the models are too small to gain from more)")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply every training step count (default 1.0; small values build a fast, untrained zoo for tests)"
     )
@@ -19,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     if args.scale <= 0:
         raise UserError(f"--scale: expected a positive number, got {args.scale}")
-    manifest = build_zoo(args.dir, seed=args.seed, scale=args.scale)
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads: expected a positive number, got {args.threads}")
+    manifest = build_zoo(args.dir, seed=args.seed, scale=args.scale, threads=args.threads)
     print("accuracy on each skill's test split (teacher-forced greedy exact match):")
     print(format_matrix(manifest["matrix"]))
     return 0

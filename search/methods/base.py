@@ -92,15 +92,15 @@ class Context:
     cache: StatCache = field(default_factory=StatCache)
     generator: torch.Generator | None = None  # the random stream of randomized methods
     out: torch.Tensor | None = None  # write the result here when given (shape and dtype of the result)
-    _scratch: dict = field(default_factory=dict)
+    buffers: dict = field(default_factory=dict)  # scratch, reused across passes and candidates
 
     def scratch(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable 1-d buffer of at least `numel` elements (grown, never shrunk)."""
         key = (slot, dtype, device)
-        buf = self._scratch.get(key)
+        buf = self.buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = torch.empty(max(numel, CHUNK), dtype=dtype, device=device)
-            self._scratch[key] = buf
+            self.buffers[key] = buf
         return buf[:numel]
 
     def output_like(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -113,6 +113,11 @@ class Context:
 def pieces(n: int, chunk: int = CHUNK):
     for start in range(0, n, chunk):
         yield start, min(n, start + chunk)
+
+
+def piece_size(t: torch.Tensor) -> int:
+    """Cache-sized pieces on the CPU; one piece on accelerators (where launches cost more than caches save)."""
+    return CHUNK if t.device.type == "cpu" else max(1, t.numel())
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from search.methods.base import Context, pieces
+from search.methods.base import Context, piece_size, pieces
 
 FUSE_MIN_NUMEL = 1 << 20
 LOG = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def eager_weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: t
     """The same pass as eager ops over pieces that stay in cache (all vectorized, same-dtype ops)."""
     dtype = ca.dtype
     xa, xb = float(ca), float(cb)  # exact: a float32/64 value as a Python float
-    for start, end in pieces(out.numel()):
+    for start, end in pieces(out.numel(), piece_size(out)):
         pa = ctx.scratch(1, end - start, dtype, a.device)
         pb = ctx.scratch(2, end - start, dtype, a.device)
         pa.copy_(a[start:end])

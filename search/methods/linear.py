@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from search.methods.base import Context, Inputs, Method, copy_safe, finite, pieces
+from search.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size, pieces
 from search.parameters import ParamSpec
 
 
@@ -43,7 +43,7 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in inputs.tensors]
     n = flat_out.numel()
-    for start, end in pieces(n):
+    for start, end in pieces(n, piece_size(flat_out)):
         acc = ctx.scratch(0, end - start, acc_dtype, first.device)
         piece = ctx.scratch(1, end - start, acc_dtype, first.device)
         acc.zero_()
