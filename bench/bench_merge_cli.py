@@ -97,9 +97,14 @@ def make_pair(root: Path) -> tuple[Path, Path]:
     return folders[0], folders[1]
 
 
-def recipe_for(a: Path, b: Path) -> str:
-    """phigment6-slerp.yml with the pair's paths and 22-layer range; its t-curves unchanged."""
+def recipe_for(a: Path, b: Path, dtype: str | None) -> str:
+    """phigment6-slerp.yml with the pair's paths and 22-layer range; its t-curves unchanged.
+
+    dtype: the recipe's `dtype:`; None keeps the seed's own (float16, which makes both
+    tools convert the bf16 pair), else e.g. bfloat16, the pair's dtype."""
     cfg = yaml.safe_load(SEED.read_text())
+    if dtype:
+        cfg["dtype"] = dtype
     n = TINYLLAMA["num_hidden_layers"]
     cfg["slices"][0]["sources"] = [
         {"model": str(a), "layer_range": [0, n]},
@@ -116,6 +121,11 @@ def timed(cmd: list) -> float:
     if r.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{r.stderr[-3000:]}")
     return elapsed
+
+
+def _loadavg() -> str:
+    p = Path("/proc/loadavg")
+    return p.read_text().split()[0] if p.exists() else "?"
 
 
 def same_tensors(x: Path, y: Path) -> tuple[int, int]:
@@ -136,11 +146,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    ap.add_argument("--dtype", default="bfloat16", help="the recipe's dtype (default bfloat16, the pair's); 'seed' keeps float16")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both tools (default: torch's own)")
     args = ap.parse_args()
+    if args.threads:
+        ENV["OMP_NUM_THREADS"] = str(args.threads)
     root = args.out.resolve()
     a, b = make_pair(root / "models")
-    recipe = root / "tinyllama-slerp.yml"
-    recipe.write_text(recipe_for(a, b))
+    dtype = None if args.dtype == "seed" else args.dtype
+    recipe = root / f"tinyllama-slerp-{dtype or 'seed'}.yml"
+    recipe.write_text(recipe_for(a, b, dtype))
     ours_out, theirs_out = root / "merged-mergesearch", root / "merged-mergekit"
 
     ours_cmd = [BIN / "mergesearch", "merge", recipe, ours_out, "-q"]
@@ -151,6 +166,7 @@ def main() -> None:
             while fh.read(1 << 26):
                 pass
 
+    load_before = _loadavg()
     times: dict[str, list[float]] = {"mergesearch merge": [], "mergekit-yaml": []}
     for r in range(args.repeats):
         order = [("mergesearch merge", ours_cmd, ours_out), ("mergekit-yaml", theirs_cmd, theirs_out)]
@@ -158,14 +174,16 @@ def main() -> None:
             order.reverse()
         for name, cmd, out in order:
             shutil.rmtree(out, ignore_errors=True)  # each run starts with no output folder
+            os.sync()  # and with no dirty pages of the previous run still being written back
+            load = _loadavg()
             times[name].append(timed(cmd))
-            print(f"run {r + 1}: {name:18s} {times[name][-1]:6.2f} s", flush=True)
+            print(f"run {r + 1}: {name:18s} {times[name][-1]:6.2f} s   (1-min load average before: {load})", flush=True)
 
     n, differ = same_tensors(ours_out, theirs_out)
     ours, theirs = statistics.median(times["mergesearch merge"]), statistics.median(times["mergekit-yaml"])
     print()
-    print(f"pair: TinyLlama-1.1B-shaped, bf16, {sum(1 for _ in a.iterdir())} files each; recipe {recipe}")
-    print(f"torch threads: {torch.get_num_threads()}, cpus: {os.cpu_count()}")
+    print(f"pair: TinyLlama-1.1B-shaped, bf16; recipe {recipe}")
+    print(f"recipe dtype: {yaml.safe_load(recipe.read_text())['dtype']}; OMP_NUM_THREADS: {ENV.get('OMP_NUM_THREADS', 'unset')} (torch default here: {torch.get_num_threads()}); cpus: {os.cpu_count()}; load average before: {load_before}")
     print(f"{'tool':20s} {'median s':>9s} {'min s':>7s}   runs")
     for name, ts in times.items():
         print(f"{name:20s} {statistics.median(ts):9.2f} {min(ts):7.2f}   {', '.join(f'{t:.2f}' for t in ts)}")

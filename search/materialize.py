@@ -163,13 +163,21 @@ class Materializer:
 
     # ---- building ----------------------------------------------------------------
 
-    def state_dict(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    def state_dict(
+        self, recipe: Recipe | list[Recipe], seed: int | None = None, out: dict[str, torch.Tensor] | None = None
+    ) -> tuple[dict, dict[str, torch.Tensor]]:
         """(config.json as a dict, output tensors by name), exactly as mergekit would write them.
 
         Tensors a recipe takes unchanged are the resident source tensors themselves:
-        read them, do not modify them in place."""
+        read them, do not modify them in place.
+
+        out: optional buffers, by output name, of the final stage's shapes and dtypes
+        (`plan(recipe)[-1].output.tensors`), e.g. views of memory-mapped safetensors
+        files (search/output.py's MappedShards): each result is computed into, or
+        copied into, its buffer. `mergesearch merge` uses it to skip a copy of the
+        whole model."""
         plans = self.plan(recipe)
-        return self._build(plans, seed, outputs=None)
+        return self._build(plans, seed, outputs=None if out is None else _GivenBuffers(out))
 
     def materialize(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> transformers.PreTrainedModel:
         """A live model in eval mode. Models of the same output shape are one resident model,
@@ -317,6 +325,21 @@ class _ResidentModel:
         if tensor is not own:
             own.copy_(tensor)
         p.data = own
+
+
+class _GivenBuffers:
+    """Output buffers a caller of state_dict(out=...) provides: every result ends up in its buffer."""
+
+    def __init__(self, buffers: dict[str, torch.Tensor]):
+        self.owned = buffers
+
+    def assign(self, name: str, tensor: torch.Tensor, aliased: bool) -> None:
+        own = self.owned.get(name)
+        if own is None or tensor is own:
+            return
+        if tensor.dtype != own.dtype or tensor.shape != own.shape:
+            raise RuntimeError(f"{name}: result is {tensor.dtype}{list(tensor.shape)}, its buffer {own.dtype}{list(own.shape)}")
+        own.copy_(tensor)
 
 
 def _hf_config(config: dict) -> transformers.PretrainedConfig:

@@ -7,15 +7,19 @@ safetensors shards, the tokenizer, the recipe (mergekit_config.yml, or
 mergekit_moe_config.yml for a MoE config, as mergekit names them) and a README
 model card.
 
-OUT_DIR appears complete or not at all: the model is built in memory, written to
-a hidden folder beside OUT_DIR and renamed into place. An existing non-empty
-OUT_DIR is refused unless --overwrite is given; it is then replaced only once the
-new folder is complete. On any error nothing is left behind.
+OUT_DIR appears complete or not at all: the model is merged into files in a
+hidden folder beside OUT_DIR, which is renamed into place at the end. An existing
+empty OUT_DIR is used; a non-empty one is refused unless --overwrite is given, and
+is then replaced only once the new folder is complete. Missing parent folders are
+created. On any error (Ctrl-C included) nothing is left behind and an existing
+OUT_DIR is untouched. Progress goes to stderr on a terminal (or with -v); the
+folder written is printed on stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,10 @@ from search.recipe import MoERecipe, Recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0]
+    paragraphs = __doc__.split("\n\n")
+    parser.description = "\n\n".join(paragraphs[:2])
+    parser.epilog = paragraphs[2]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit-yaml, mergekit-moe or multi-stage config")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="the model folder to write")
     parser.add_argument(
@@ -128,6 +135,9 @@ def _merge(args: argparse.Namespace) -> int:
     out_dir = output.check_destination(args.out_dir, args.overwrite)
     shard_size = output.parse_size(args.out_shard_size)
 
+    # One build: compiling the fused pass (torch.compile) costs seconds that only many
+    # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
+    os.environ.setdefault("MERGESEARCH_COMPILE", "0")
     from search.materialize import Materializer, resolve_model_path
 
     models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
@@ -135,12 +145,12 @@ def _merge(args: argparse.Namespace) -> int:
 
     progress(f"loading {len(models)} model(s) onto {device}")
     materializer = Materializer(models, device, allow_pickle=args.allow_pickle)
-    progress(f"merging ({len(stages)} stage(s))" if len(stages) > 1 else f"merging ({_what(stages[0])})")
-    config, tensors = materializer.state_dict(stages if len(stages) > 1 else stages[0], seed=args.random_seed)
+    recipe_arg = stages if len(stages) > 1 else stages[0]
+    plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
     final = stages[-1]
     if needs_built_tokenizer(final):
-        tokenizer = materializer.tokenizer(stages if len(stages) > 1 else final)
+        tokenizer = materializer.tokenizer(recipe_arg)
         if isinstance(final, MoERecipe):
             tokenizer = _as_mergekit_moe_saves_it(tokenizer)
     else:
@@ -153,18 +163,25 @@ def _merge(args: argparse.Namespace) -> int:
         file_name: recipe_text,
         "README.md": model_card(stages, recipe_text, name=out_dir.name, recipe_file=file_name),
     }
-    output.write_model_folder(
-        out_dir,
-        config,
-        tensors,
-        tokenizer=tokenizer,
-        files=files,
-        overwrite=args.overwrite,
-        max_shard_size=shard_size,
-        progress=progress,
-    )
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
-    progress(f"done: {len(tensors)} tensors, {size / 1e9:.2f} GB")
+    what = f"{len(stages)} stages" if len(stages) > 1 else _what(final)
+    with output.atomic_folder(out_dir, args.overwrite) as tmp:
+        specs = _output_specs(plans[-1]) if device == "cpu" else None
+        if specs is not None:
+            # The shards are laid out first and memory-mapped; the merge is computed
+            # straight into them (no copy of the model in memory, no write pass).
+            with output.MappedShards(tmp, specs, shard_size) as shards:
+                progress(f"merging ({what}) into {', '.join(shards.file_names)}")
+                config, tensors = materializer.state_dict(recipe_arg, seed=args.random_seed, out=shards.tensors)
+                count, size = len(tensors), shards.total_size
+                del tensors  # views of the mapped files: let them close
+        else:
+            progress(f"merging ({what})")
+            config, tensors = materializer.state_dict(recipe_arg, seed=args.random_seed)
+            output.write_tensors(tmp, tensors, shard_size, progress)
+            count, size = len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
+            del tensors
+        output.write_beside_tensors(tmp, config, tokenizer, files, progress)
+    progress(f"done: {count} tensors, {size / 1e9:.2f} GB")
     print(out_dir)
     return 0
 
@@ -176,6 +193,18 @@ def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
     if name not in model_map and looks_like_path and not Path(name).expanduser().is_dir():
         raise UserError(f"model {name}: no such folder; check the path in the recipe")
     return resolve_model_path(name, model_map)
+
+
+def _output_specs(plan) -> dict | None:
+    """{name: (shape, dtype)} of a merge stage's output, in mergekit's order; None for a MoE stage."""
+    from search.plan import StagePlan
+
+    if not isinstance(plan, StagePlan):
+        return None
+    infos = plan.output.tensors
+    if any(j.name not in infos for j in plan.jobs):
+        return None
+    return {j.name: (infos[j.name].shape, infos[j.name].dtype) for j in plan.jobs}
 
 
 def _what(stage: Recipe) -> str:

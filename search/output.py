@@ -144,11 +144,14 @@ def plan_shards(tensors: dict[str, torch.Tensor], max_shard_size: int = DEFAULT_
     A shard is closed when the next tensor would push it past `max_shard_size`
     bytes; a tensor larger than that gets a shard of its own.
     """
+    return _plan_shards({name: t.numel() * t.element_size() for name, t in tensors.items()}, max_shard_size)
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_size: int) -> list[list[str]]:
     shards: list[list[str]] = []
     current: list[str] = []
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if current and max_shard_size > 0 and size + nbytes > max_shard_size:
             shards.append(current)
             current, size = [], 0
@@ -226,6 +229,120 @@ def _version() -> str:
         return "unknown"
 
 
+# ---- tensors computed straight into the files ---------------------------------
+
+# torch dtype name -> the safetensors header's name for it
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}
+
+
+class _Layout:
+    """Where each tensor goes: shard files named and split as `write_tensors` does, each with its
+    safetensors header, and every tensor's byte offset in its file."""
+
+    def __init__(self, specs: dict, max_shard_size: int):
+        import torch
+
+        self.specs = specs
+        itemsize = {n: torch.empty((), dtype=d).element_size() for n, (_, d) in specs.items()}
+        self.nbytes = {n: _numel(shape) * itemsize[n] for n, (shape, _) in specs.items()}
+        shards = _plan_shards(self.nbytes, max_shard_size)
+        self.file_names = shard_file_names(len(shards))
+        self.weight_map = {n: f for f, shard in zip(self.file_names, shards) for n in shard}
+        self.total_size = sum(self.nbytes.values())
+        self.headers: dict[str, bytes] = {}
+        self.file_sizes: dict[str, int] = {}
+        self.offsets: dict[str, int] = {}  # absolute, in the tensor's file
+        for file_name, shard in zip(self.file_names, shards):
+            # Widest elements first, so every tensor starts at a multiple of its element size.
+            order = sorted(shard, key=lambda n: -itemsize[n])
+            header, offset = {"__metadata__": {"format": "pt"}}, 0
+            for n in order:
+                shape, dtype = specs[n]
+                header[n] = {"dtype": _ST_DTYPES[str(dtype).removeprefix("torch.")], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + self.nbytes[n]]}
+                offset += self.nbytes[n]
+            head = json.dumps(header, separators=(",", ":")).encode()
+            head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors pads it
+            self.headers[file_name] = len(head).to_bytes(8, "little") + head
+            start = len(self.headers[file_name])
+            self.file_sizes[file_name] = start + offset
+            for n in order:
+                self.offsets[n] = start + header[n]["data_offsets"][0]
+
+    def write_index(self, folder: Path) -> None:
+        if len(self.file_names) > 1:
+            index = {"metadata": {"total_size": self.total_size, "mergesearch_version": _version()}, "weight_map": self.weight_map}
+            (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+class MappedShards:
+    """Safetensors shards laid out before any tensor is computed, and memory-mapped.
+
+    The headers are known from the shapes alone, so the files are written and
+    sized first; `tensors` are writable views into them. Whatever is computed into
+    those views is the files' content: no copy of the whole model in memory, no
+    write pass at the end (on this machine that saved 2-4 s per 2.2 GB, the cost of
+    first touching fresh memory). Sharded and named as `write_tensors` does; the
+    index is written on close.
+
+        with MappedShards(folder, {name: (shape, dtype)}) as shards:
+            materializer.state_dict(recipe, out=shards.tensors)
+    """
+
+    def __init__(self, folder: Path, specs: dict, max_shard_size: int = DEFAULT_SHARD_SIZE):
+        import mmap
+
+        import torch
+
+        self.folder = Path(folder)
+        self.layout = _Layout(specs, max_shard_size)
+        self.file_names = self.layout.file_names
+        self.total_size = self.layout.total_size
+        self._maps = []
+        self.tensors = {}
+        for f in self.file_names:
+            with open(self.folder / f, "wb+") as fh:
+                fh.write(self.layout.headers[f])
+                fh.truncate(self.layout.file_sizes[f])
+                if self.layout.file_sizes[f] > len(self.layout.headers[f]):
+                    self._maps.append(mmap.mmap(fh.fileno(), self.layout.file_sizes[f]))
+                    data = torch.frombuffer(self._maps[-1], dtype=torch.uint8)
+                    for n, where in self.layout.weight_map.items():
+                        if where == f:
+                            shape, dtype = specs[n]
+                            o = self.layout.offsets[n]
+                            self.tensors[n] = data[o : o + self.layout.nbytes[n]].view(dtype).view(tuple(shape))
+                    del data
+        for n, (shape, dtype) in specs.items():
+            self.tensors.setdefault(n, torch.empty(shape, dtype=dtype))
+
+    def close(self) -> None:
+        self.tensors.clear()
+        for m in self._maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view is still held somewhere: the map closes when it is dropped
+        self._maps.clear()
+        self.layout.write_index(self.folder)
+
+    def __enter__(self) -> "MappedShards":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
 # ---- config and tokenizer --------------------------------------------------
 
 
@@ -272,14 +389,19 @@ def write_model_folder(
     """
     out_dir = Path(out_dir)
     with atomic_folder(out_dir, overwrite) as tmp:
-        write_config(tmp, config)
         write_tensors(tmp, tensors, max_shard_size, progress)
-        if tokenizer is not None:
-            progress("writing the tokenizer")
-            if isinstance(tokenizer, (str, Path)):
-                copy_tokenizer_files(Path(tokenizer), tmp)
-            else:
-                tokenizer.save_pretrained(tmp)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text, encoding="utf-8")
+        write_beside_tensors(tmp, config, tokenizer, files, progress)
     return out_dir
+
+
+def write_beside_tensors(folder: Path, config: dict, tokenizer=None, files: dict[str, str] | None = None, progress: Progress = _quiet) -> None:
+    """Everything of a model folder but the tensors: config.json, the tokenizer, extra text files."""
+    write_config(folder, config)
+    if tokenizer is not None:
+        progress("writing the tokenizer")
+        if isinstance(tokenizer, (str, Path)):
+            copy_tokenizer_files(Path(tokenizer), folder)
+        else:
+            tokenizer.save_pretrained(folder)
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text, encoding="utf-8")

@@ -176,3 +176,26 @@ def test_cuda_without_gpu(models: dict[str, Path], tmp_path: Path):
     recipe.write_text(LINEAR.format(**models))
     assert_one_line_error(merge(recipe, tmp_path / "out", "--device", "cuda"), r"--device cuda.*--device cpu")
     assert_nothing_written(tmp_path, {"recipe.yml"})
+
+
+@pytest.mark.parametrize("interruption", [RuntimeError("disk full"), KeyboardInterrupt()])
+def test_failure_while_writing_leaves_nothing(tmp_path: Path, interruption: BaseException):
+    """A failure after the temporary folder exists (mid-merge, Ctrl-C) removes it and the parents it made,
+    and leaves an existing OUT_DIR as it was."""
+    from search.output import atomic_folder
+
+    with pytest.raises(type(interruption)):
+        with atomic_folder(tmp_path / "new" / "deeper" / "out") as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half")
+            raise interruption
+    assert_nothing_written(tmp_path, set())
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "config.json").write_text("{}")
+    with pytest.raises(type(interruption)):
+        with atomic_folder(existing, overwrite=True) as tmp:
+            (tmp / "config.json").write_text('{"new": 1}')
+            raise interruption
+    assert_nothing_written(tmp_path, {"existing"})
+    assert [p.name for p in existing.iterdir()] == ["config.json"] and (existing / "config.json").read_text() == "{}"

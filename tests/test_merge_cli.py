@@ -412,4 +412,32 @@ def test_verbose_reports_progress_on_stderr(zoo: Zoo, tmp_path: Path):
     recipe.write_text(METHOD_RECIPES["linear"])
     r = run_merge(recipe, tmp_path / "out", "-v", *zoo.model_map(["toy/math", "toy/code"]))
     assert r.returncode == 0, r.stderr
-    assert "loading 2 model(s)" in r.stderr and "writing model.safetensors" in r.stderr
+    assert "loading 2 model(s)" in r.stderr and "into model.safetensors" in r.stderr and "done: 39 tensors" in r.stderr
+
+
+def test_mapped_shards_hold_what_write_tensors_writes(tmp_path: Path):
+    """The two ways search/output.py writes tensors give the same files' contents, sharded alike."""
+    from search.output import MappedShards, write_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "w": torch.randn(10, 7, generator=gen).to(torch.bfloat16),
+        "ids": torch.arange(5),
+        "f32": torch.randn(3, generator=gen),
+        "empty": torch.zeros(0, 4),
+        "mask": torch.tensor([True, False, True]),
+        "f16": torch.randn(2, 3, generator=gen).half(),
+    }
+    for shard_size in (10**9, 40, 1):
+        mapped, written = tmp_path / f"mapped{shard_size}", tmp_path / f"written{shard_size}"
+        mapped.mkdir()
+        written.mkdir()
+        with MappedShards(mapped, {n: (t.shape, t.dtype) for n, t in tensors.items()}, shard_size) as shards:
+            for n, t in tensors.items():
+                shards.tensors[n].copy_(t)
+        write_tensors(written, tensors, shard_size)
+        assert sorted(p.name for p in mapped.iterdir()) == sorted(p.name for p in written.iterdir())
+        a, b = read_folder_tensors(mapped), read_folder_tensors(written)
+        assert sorted(a) == sorted(tensors)
+        for n, t in tensors.items():
+            assert a[n].dtype == b[n].dtype == t.dtype and torch.equal(bits(a[n]), bits(t)) and torch.equal(bits(b[n]), bits(t))
