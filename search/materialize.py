@@ -18,16 +18,18 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
-from transformers.initialization import no_init_weights
 
 from search.errors import UserError
 from search.methods import Context, Inputs, StatCache
 from search.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
 from search.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
-from search.sources import SourceModel, TensorInfo, load_source, read_config, read_tensor_infos
+from search.sources import CONVERT_PIECE, SourceModel, TensorInfo, convert_into, load_source, read_config, read_tensor_infos
+
+if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
+    import transformers
 
 
 def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
@@ -46,6 +48,11 @@ def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
     )
 
 
+# Scratch slots (Context.scratch) of converted inputs: slot + input index, and slot - 1 for the
+# float32 piece a conversion goes through; clear of the methods' own.
+_CONVERSION_SLOTS = 100
+
+
 class Materializer:
     def __init__(
         self,
@@ -55,11 +62,14 @@ class Materializer:
         allow_pickle: bool = False,
         cache_bytes: int = 2 << 30,
         resident_models: int = 2,
+        keep_converted: bool = True,
     ):
         """models: name as written in recipes -> local HF folder (names that are local
         folders themselves need no entry). cache_bytes bounds the per-pair statistics
         kept across candidates; resident_models bounds the preallocated live models
-        (one per output shape)."""
+        (one per output shape). keep_converted: keep each source tensor converted to a
+        recipe's `dtype:` for the next candidate (a copy of the sources in that dtype);
+        False converts tensor by tensor into reused buffers, for a one-shot build."""
         self.model_map = {k: str(v) for k, v in models.items()}
         self.device = device
         self.allow_pickle = allow_pickle
@@ -70,6 +80,7 @@ class Materializer:
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
+        self.keep_converted = keep_converted
 
     # ---- sources -----------------------------------------------------------------
 
@@ -158,7 +169,7 @@ class Materializer:
     def _vocabulary(self, name: str) -> dict:
         path = str(self.path(name))
         if path not in self._tokenizers:
-            self._tokenizers[path] = transformers.AutoTokenizer.from_pretrained(path)
+            self._tokenizers[path] = _auto_tokenizer(path)
         return self._tokenizers[path].get_vocab()
 
     # ---- building ----------------------------------------------------------------
@@ -213,7 +224,7 @@ class Materializer:
             break
         path = str(self.path(donor))
         if path not in self._tokenizers:
-            self._tokenizers[path] = transformers.AutoTokenizer.from_pretrained(path)
+            self._tokenizers[path] = _auto_tokenizer(path)
         return self._tokenizers[path]
 
     # ---- internals ---------------------------------------------------------------
@@ -243,7 +254,7 @@ class Materializer:
         ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers)
         results: dict[str, torch.Tensor] = {}
         for job in plan.execution_order():
-            inputs = self._inputs(plan, job, earlier)
+            inputs, transient = self._inputs(plan, job, earlier, ctx)
             native = inputs.tensors[0].dtype
             target = outputs.owned.get(job.name) if outputs is not None else None
             ctx.out = target if (target is not None and target.dtype == native) else None
@@ -256,23 +267,35 @@ class Materializer:
                     result = target.copy_(result)
                 else:
                     result = result.to(plan.out_dtype)
+            aliased = any(result is t for t in inputs.tensors)
+            if any(result is t for t in transient):  # a buffer the next tensor's conversion reuses
+                result = target.copy_(result) if ctx.out is not None else result.clone()
+                aliased = False
             results[job.name] = result
             if outputs is not None:
-                outputs.assign(job.name, result, aliased=any(result is t for t in inputs.tensors))
+                outputs.assign(job.name, result, aliased=aliased)
         ctx.out = None
         # The output in plan order (pre, layers, post), like mergekit's shards.
         return {j.name: results[j.name] for j in plan.jobs}
 
-    def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel]) -> Inputs:
+    def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel], ctx: Context) -> tuple[Inputs, list[torch.Tensor]]:
+        """The job's inputs in the work dtype, and which of them are converted into reused buffers."""
         sources = [earlier[m] if m in earlier else self.source(m) for m in job.models]
         dtypes = [s.tensors[n].dtype for s, n in zip(sources, job.tensors)]
         work = plan.dtype or promoted_dtype(dtypes)
-        tensors, keys = [], []
-        for m, s, n in zip(job.models, sources, job.tensors):
+        tensors, keys, transient = [], [], []
+        for slot, (m, s, n) in enumerate(zip(job.models, sources, job.tensors)):
             resident = m not in earlier  # intermediates change with every candidate: never cached
-            tensors.append(s.tensor(n, work) if resident else s.tensors[n].to(work))
+            stored = s.tensors[n]
+            if stored.dtype == work or (resident and self.keep_converted):
+                tensors.append(s.tensor(n, work))
+            else:
+                buffer = ctx.scratch(_CONVERSION_SLOTS + slot, stored.numel(), work, stored.device)
+                piece = ctx.scratch(_CONVERSION_SLOTS - 1, CONVERT_PIECE, torch.float32, stored.device)
+                tensors.append(convert_into(buffer.view(stored.shape), stored, piece))
+                transient.append(tensors[-1])
             keys.append((m, n, work) if resident else None)
-        return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index)
+        return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index), transient
 
     def _resident_model(self, config: dict, names: list[str], dtype: torch.dtype) -> "_ResidentModel | None":
         """The live model for outputs of this config and dtype, made once (LRU of `resident_models`)."""
@@ -303,6 +326,9 @@ class _ResidentModel:
 
     @classmethod
     def create(cls, config: dict, dtype: torch.dtype, device: str, names: list[str]) -> "_ResidentModel | None":
+        import transformers
+        from transformers.initialization import no_init_weights
+
         cfg = _hf_config(config)
         with no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -343,6 +369,8 @@ class _GivenBuffers:
 
 
 def _hf_config(config: dict) -> transformers.PretrainedConfig:
+    import transformers
+
     d = dict(config)
     model_type = d.pop("model_type")
     return transformers.AutoConfig.for_model(model_type, **d)
@@ -352,6 +380,7 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
     """A model from tensors whose names need transformers' own checkpoint conversion (MoE)."""
     import tempfile
 
+    import transformers
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,6 +388,12 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(tensors.values())).dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _auto_tokenizer(path: str) -> "transformers.PreTrainedTokenizerBase":
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(path)
 
 
 def _tokenizer_donor(stage: Recipe) -> str:

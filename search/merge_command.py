@@ -144,7 +144,8 @@ def _merge(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
-    materializer = Materializer(models, device, allow_pickle=args.allow_pickle)
+    # One build: a recipe `dtype:` is converted tensor by tensor, not kept as a copy of the sources.
+    materializer = Materializer(models, device, allow_pickle=args.allow_pickle, keep_converted=False)
     recipe_arg = stages if len(stages) > 1 else stages[0]
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 

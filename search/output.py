@@ -309,6 +309,7 @@ class MappedShards:
                 fh.truncate(self.layout.file_sizes[f])
                 if self.layout.file_sizes[f] > len(self.layout.headers[f]):
                     self._maps.append(mmap.mmap(fh.fileno(), self.layout.file_sizes[f]))
+                    _populate_for_writing(self._maps[-1])
                     data = torch.frombuffer(self._maps[-1], dtype=torch.uint8)
                     for n, where in self.layout.weight_map.items():
                         if where == f:
@@ -334,6 +335,21 @@ class MappedShards:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Linux's madvise(MADV_POPULATE_WRITE) (5.14+): Python 3.11's mmap module lacks the name.
+_MADV_POPULATE_WRITE = getattr(__import__("mmap"), "MADV_POPULATE_WRITE", 23)
+
+
+def _populate_for_writing(mapped) -> None:
+    """Give a fresh shared mapping all its pages in one call. Left to page faults, one per
+    4 KiB written, they cost 3-5x the arithmetic of a merge on this machine (0.6-0.9 s vs
+    0.17 s per 512 MiB); where the kernel lacks it, the faults happen as before."""
+    if hasattr(mapped, "madvise"):
+        try:
+            mapped.madvise(_MADV_POPULATE_WRITE)
+        except OSError:
+            pass
 
 
 def _numel(shape) -> int:

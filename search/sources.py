@@ -34,8 +34,31 @@ class SourceModel:
             return t
         cache = self.converted.setdefault(dtype, {})
         if name not in cache:
-            cache[name] = t.to(dtype)
+            cache[name] = convert_into(torch.empty(t.shape, dtype=dtype, device=t.device), t)
         return cache[name]
+
+
+# Elements per piece of a conversion through float32: 1 MiB of float32, stays in cache.
+CONVERT_PIECE = 1 << 18
+
+
+def convert_into(out: torch.Tensor, t: torch.Tensor, piece: torch.Tensor | None = None) -> torch.Tensor:
+    """out[...] = t.to(out.dtype), the same bits, faster from bfloat16 to float16.
+
+    torch converts bfloat16 to float16 one element at a time on the CPU; through
+    float32 (exact from bfloat16) both steps are vectorized: 4x faster here, and the
+    same rounding, NaNs included (tests/test_sources.py checks the bits).
+    piece: optional float32 scratch of at least CONVERT_PIECE elements."""
+    if not (t.device.type == "cpu" and t.dtype == torch.bfloat16 and out.dtype == torch.float16):
+        return out.copy_(t)
+    src, dst = t.reshape(-1), out.view(-1)
+    if piece is None:
+        piece = torch.empty(min(src.numel(), CONVERT_PIECE), dtype=torch.float32)
+    for start in range(0, src.numel(), CONVERT_PIECE):
+        end = min(src.numel(), start + CONVERT_PIECE)
+        f32 = piece[: end - start].copy_(src[start:end])
+        dst[start:end].copy_(f32)
+    return out
 
 
 @dataclass(frozen=True)

@@ -21,113 +21,26 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).parent))
-from standins import make_finetune, make_standin  # noqa: E402
+from conftest import SEEDS, StandinZoo, recipe_model_names, with_paths
 
-REPO = Path(__file__).resolve().parents[1]
-SEEDS = REPO.parent / "shared" / "seeds"
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-# Hub name -> (architecture, depth, init seed, fine-tune of): the models the seeds name
-# (seeds/README.md), at tiny width. Experts and DPO pairs are fine-tunes of one base,
-# as the real ones are.
-STANDINS = {
-    "liminerity/phive": ("phi", 32, 11, None),
-    "mobiuslabsgmbh/aanaphi2-v0.1": ("phi", 32, 12, None),
-    "openchat/openchat-3.5-0106": ("mistral", 32, 21, None),
-    "AetherResearch/Cerebrum-1.0-7b": ("mistral", 32, 22, None),
-    "mistralai/Mistral-7B-v0.1": ("mistral", 32, 23, None),
-    "meta-llama/Llama-2-7b-hf": ("llama", 32, 31, None),
-    "tokyotech-llm/Swallow-7b-hf": ("llama", 32, 32, None),
-    "tokyotech-llm/Swallow-7b-instruct-hf": ("llama", 32, 33, "tokyotech-llm/Swallow-7b-hf"),
-    "nitky/Superswallow-7b-v0.1": ("llama", 32, 34, "tokyotech-llm/Swallow-7b-hf"),
-    "nitky/Superswallow-7b-v0.2": ("llama", 32, 35, "tokyotech-llm/Swallow-7b-hf"),
-    "nitky/Superswallow-7b-v0.3": ("llama", 32, 36, "tokyotech-llm/Swallow-7b-hf"),
-    "HuggingFaceH4/zephyr-7b-gemma-v0.1": ("gemma", 28, 41, None),
-    "SakanaAI/DiscoPOP-zephyr-7b-gemma": ("gemma", 28, 42, "HuggingFaceH4/zephyr-7b-gemma-v0.1"),
-    # small models for the per-method and multi-stage recipes
-    "toy/base": ("llama", 4, 51, None),
-    "toy/math": ("llama", 4, 52, "toy/base"),
-    "toy/code": ("llama", 4, 53, "toy/base"),
-    "toy/chat": ("llama", 4, 54, "toy/base"),
-}
-
 SEED_FILES = sorted(SEEDS.glob("*.yml"))
-
-# Router weights of random gates are drawn from torch's generator; the two tools draw
-# them in different orders, so only their names, shapes and dtypes must agree.
-RANDOM_GATE = ".mlp.gate.weight"
-
-
-class Zoo:
-    """Stand-in folders, built on first use and shared by every test of the session."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.paths: dict[str, Path] = {}
-
-    def path(self, name: str) -> Path:
-        if name not in self.paths:
-            if name not in STANDINS:
-                raise KeyError(f"no stand-in for {name!r}: add it to STANDINS in {Path(__file__).name}")
-            arch, depth, seed, parent = STANDINS[name]
-            folder = self.root / name.replace("/", "--")
-            if parent:
-                make_finetune(folder, self.path(parent), seed=seed, scale=0.01)
-            else:
-                make_standin(folder, arch, depth, seed=seed)
-            self.paths[name] = folder
-        return self.paths[name]
-
-    def model_map(self, names) -> list[str]:
-        return [arg for n in names for arg in ("--model-map", f"{n}={self.path(n)}")]
 
 
 @pytest.fixture(scope="session")
-def zoo(tmp_path_factory) -> Zoo:
-    return Zoo(tmp_path_factory.mktemp("standins"))
+def zoo(standin_zoo) -> StandinZoo:
+    """The stand-ins of tests/conftest.py (hub names the seeds read, at tiny width)."""
+    return standin_zoo
+
+
+def model_map(zoo: StandinZoo, names) -> list[str]:
+    """--model-map arguments that point each name at its stand-in."""
+    return [arg for n in names for arg in ("--model-map", f"{n}={zoo.path(n)}")]
 
 
 # ---- helpers ---------------------------------------------------------------
-
-
-def hub_names(text: str) -> list[str]:
-    """The model names a recipe reads (every value of a `model`, `base_model` or `source_model` key)."""
-    found = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k in ("model", "base_model", "source_model", "tokenizer_source") and isinstance(v, str):
-                    found.append(v)
-                else:
-                    walk(v)
-        elif isinstance(node, list):
-            for v in node:
-                walk(v)
-
-    docs = [d for d in yaml.safe_load_all(text) if d]
-    for d in docs:
-        walk(d)
-    stage_names = {d.get("name") for d in docs}
-    return [n for n in dict.fromkeys(found) if n not in stage_names]
-
-
-def with_paths(text: str, paths: dict[str, Path]) -> str:
-    """The recipe with every model name replaced by its stand-in folder, for mergekit."""
-
-    def sub(node):
-        if isinstance(node, dict):
-            return {k: sub(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [sub(v) for v in node]
-        if isinstance(node, str) and node in paths:
-            return str(paths[node])
-        return node
-
-    docs = [sub(d) for d in yaml.safe_load_all(text) if d]
-    return yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def start(cmd: list, **kw) -> subprocess.Popen:
@@ -140,9 +53,9 @@ def finish(proc: subprocess.Popen, what: str) -> str:
     return out
 
 
-def build_both(recipe_text: str, zoo: Zoo, tmp: Path, oracle: str, seed: int = 0) -> tuple[Path, Path]:
+def build_both(recipe_text: str, zoo: StandinZoo, tmp: Path, oracle: str, seed: int = 0) -> tuple[Path, Path]:
     """Build the recipe with `mergesearch merge` and with mergekit's `oracle` script, side by side."""
-    names = hub_names(recipe_text)
+    names = recipe_model_names(recipe_text)
     paths = {n: zoo.path(n) for n in names}
     ours_recipe = tmp / "recipe.yml"
     ours_recipe.write_text(recipe_text)
@@ -150,7 +63,7 @@ def build_both(recipe_text: str, zoo: Zoo, tmp: Path, oracle: str, seed: int = 0
     theirs_recipe.write_text(with_paths(recipe_text, paths))
     ours, theirs = tmp / "ours", tmp / "theirs"
 
-    ours_cmd = [BIN / "mergesearch", "merge", ours_recipe, ours, "--random-seed", seed, *zoo.model_map(names)]
+    ours_cmd = [BIN / "mergesearch", "merge", ours_recipe, ours, "--random-seed", seed, *model_map(zoo, names)]
     if oracle == "mergekit-multi":
         theirs_cmd = [BIN / oracle, theirs_recipe, "--out-path", theirs, "-I", tmp / "intermediates"]
     else:
@@ -187,15 +100,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def assert_same_tensors(ours: Path, theirs: Path, values_except: str | None = None) -> int:
+def assert_same_tensors(ours: Path, theirs: Path) -> int:
     a, b = read_folder_tensors(ours), read_folder_tensors(theirs)
     assert sorted(a) == sorted(b), f"tensor names differ: only ours {sorted(set(a) - set(b))[:5]}, only mergekit's {sorted(set(b) - set(a))[:5]}"
     differ = []
     for name in sorted(a):
         x, y = a[name], b[name]
         assert (x.shape, x.dtype) == (y.shape, y.dtype), f"{name}: ours {x.dtype}{list(x.shape)}, mergekit {y.dtype}{list(y.shape)}"
-        if values_except and values_except in name:
-            continue
         if not torch.equal(bits(x), bits(y)):
             diff = (x.float() - y.float()).abs().max().item()
             differ.append(f"{name} (max |diff| {diff:.3g})")
@@ -238,16 +149,16 @@ def test_seeds_are_present():
 
 
 @pytest.mark.parametrize("seed_file", SEED_FILES, ids=[f.stem for f in SEED_FILES])
-def test_seed_matches_mergekit(seed_file: Path, zoo: Zoo, tmp_path: Path):
+def test_seed_matches_mergekit(seed_file: Path, zoo: StandinZoo, tmp_path: Path):
     text = seed_file.read_text()
     moe = "experts" in (yaml.safe_load(text) or {})
     ours, theirs = build_both(text, zoo, tmp_path, "mergekit-moe" if moe else "mergekit-yaml")
-    assert_same_tensors(ours, theirs, values_except=RANDOM_GATE if moe else None)
+    assert_same_tensors(ours, theirs)  # MoE routers too: gates drawn at random are seeded alike
     assert_same_config(ours, theirs)
     assert_same_tokenizer(ours, theirs)
     recipe_file = "mergekit_moe_config.yml" if moe else "mergekit_config.yml"
     assert (theirs / recipe_file).exists(), f"mergekit names its recipe copy {recipe_file}"
-    assert_recipe_and_card(ours, text, recipe_file, hub_names(text))
+    assert_recipe_and_card(ours, text, recipe_file, recipe_model_names(text))
 
 
 # ---- every method ------------------------------------------------------------
@@ -313,12 +224,12 @@ dtype: float32
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_RECIPES))
-def test_method_matches_mergekit(method: str, zoo: Zoo, tmp_path: Path):
+def test_method_matches_mergekit(method: str, zoo: StandinZoo, tmp_path: Path):
     text = METHOD_RECIPES[method].lstrip()
     ours, theirs = build_both(text, zoo, tmp_path, "mergekit-yaml", seed=7)
     assert_same_tensors(ours, theirs)
     assert_same_config(ours, theirs)
-    assert_recipe_and_card(ours, text, "mergekit_config.yml", hub_names(text))
+    assert_recipe_and_card(ours, text, "mergekit_config.yml", recipe_model_names(text))
 
 
 # ---- (b) multi-stage ---------------------------------------------------------
@@ -351,7 +262,7 @@ dtype: bfloat16
 """
 
 
-def test_multi_stage_matches_mergekit_multi(zoo: Zoo, tmp_path: Path):
+def test_multi_stage_matches_mergekit_multi(zoo: StandinZoo, tmp_path: Path):
     ours, theirs = build_both(MULTI_STAGE, zoo, tmp_path, "mergekit-multi")
     assert_same_tensors(ours, theirs)
     assert_same_config(ours, theirs)
@@ -367,11 +278,11 @@ def run_merge(*args) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "mergesearch"), "merge", *map(str, args)], env=ENV, capture_output=True, text=True)
 
 
-def test_sharded_output_is_complete_and_indexed(zoo: Zoo, tmp_path: Path):
+def test_sharded_output_is_complete_and_indexed(zoo: StandinZoo, tmp_path: Path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(METHOD_RECIPES["linear"])
     out = tmp_path / "nested" / "out"
-    r = run_merge(recipe, out, "--out-shard-size", "100K", *zoo.model_map(["toy/math", "toy/code"]))
+    r = run_merge(recipe, out, "--out-shard-size", "100K", *model_map(zoo, ["toy/math", "toy/code"]))
     assert r.returncode == 0, r.stderr
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -380,13 +291,13 @@ def test_sharded_output_is_complete_and_indexed(zoo: Zoo, tmp_path: Path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def test_existing_output_is_kept_unless_overwrite(zoo: Zoo, tmp_path: Path):
+def test_existing_output_is_kept_unless_overwrite(zoo: StandinZoo, tmp_path: Path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(METHOD_RECIPES["linear"])
     out = tmp_path / "out"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    maps = zoo.model_map(["toy/math", "toy/code"])
+    maps = model_map(zoo, ["toy/math", "toy/code"])
 
     r = run_merge(recipe, out, *maps)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "--overwrite" in r.stderr
@@ -398,19 +309,19 @@ def test_existing_output_is_kept_unless_overwrite(zoo: Zoo, tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yml"]
 
 
-def test_existing_empty_output_folder_is_used(zoo: Zoo, tmp_path: Path):
+def test_existing_empty_output_folder_is_used(zoo: StandinZoo, tmp_path: Path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(METHOD_RECIPES["linear"])
     (tmp_path / "out").mkdir()
-    r = run_merge(recipe, tmp_path / "out", "-q", *zoo.model_map(["toy/math", "toy/code"]))
+    r = run_merge(recipe, tmp_path / "out", "-q", *model_map(zoo, ["toy/math", "toy/code"]))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert (tmp_path / "out" / "config.json").exists()
 
 
-def test_verbose_reports_progress_on_stderr(zoo: Zoo, tmp_path: Path):
+def test_verbose_reports_progress_on_stderr(zoo: StandinZoo, tmp_path: Path):
     recipe = tmp_path / "r.yml"
     recipe.write_text(METHOD_RECIPES["linear"])
-    r = run_merge(recipe, tmp_path / "out", "-v", *zoo.model_map(["toy/math", "toy/code"]))
+    r = run_merge(recipe, tmp_path / "out", "-v", *model_map(zoo, ["toy/math", "toy/code"]))
     assert r.returncode == 0, r.stderr
     assert "loading 2 model(s)" in r.stderr and "into model.safetensors" in r.stderr and "done: 39 tensors" in r.stderr
 

@@ -60,6 +60,17 @@ def test_state_dict_equals_mergekit(seed_file: Path, materializer, mergekit_orac
 
 
 @pytest.mark.parametrize("seed_file", SEED_FILES, ids=[f.stem for f in SEED_FILES])
+def test_one_shot_conversion_equals_mergekit(seed_file: Path, seed_models, mergekit_oracle):
+    """keep_converted=False (what `mergesearch merge` uses): inputs converted to the recipe's dtype
+    into reused buffers, tensor by tensor; a result that is such an input is copied out in time."""
+    materializer = Materializer(seed_models, keep_converted=False)
+    _, ours = materializer.state_dict(load(seed_file))
+    _, theirs = mergekit_oracle.build(seed_file.read_text())
+    assert_same_tensors(ours, theirs, seed_file.name)
+    assert all(source.converted == {} for source in materializer._sources.values())
+
+
+@pytest.mark.parametrize("seed_file", SEED_FILES, ids=[f.stem for f in SEED_FILES])
 def test_materialize_equals_mergekit_model(seed_file: Path, materializer, mergekit_oracle, tmp_path):
     stages = load(seed_file)
     model = materializer.materialize(stages)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
 import transformers
 from conftest import tensor_bits
 
@@ -33,3 +35,17 @@ def test_sharded_checkpoint_reads_like_a_single_file(standin_zoo, tmp_path):
 def test_sources_load_once(standin_zoo):
     mat = Materializer({"m": standin_zoo.path("toy/math")})
     assert mat.source("m") is mat.source("m")
+
+
+@pytest.mark.parametrize("source,target", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_convert_into_gives_the_bits_of_to(source, target):
+    """The conversion a recipe's `dtype:` runs gives torch's own bits: rounding, overflow to inf,
+    subnormals, -0 and NaN, over more than one piece."""
+    from search.sources import CONVERT_PIECE, convert_into
+
+    n = 2 * CONVERT_PIECE + 3
+    x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, n)).to(source)
+    x[:5] = torch.tensor([float("nan"), float("inf"), -0.0, 70000.0, -1e-6])
+    expected = x.to(target)
+    got = convert_into(torch.empty(n, dtype=target), x)
+    assert torch.equal(got.view(torch.uint8), expected.view(torch.uint8))
