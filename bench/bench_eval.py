@@ -6,7 +6,11 @@ and then scores it three ways, interleaved:
 
   bare forward      the same examples, tokenized once beforehand, one batched forward
                     pass per batch and an argmax check: the least any scorer can do
-  lmeval objective  objectives.lmeval (tasks built once, lm_eval.evaluator.evaluate per trial)
+  lmeval objective  objectives.lmeval (tasks and requests built once; per trial the requests are
+                    run, then lm-eval's filters, per-document metrics and aggregation)
+  incremental stages  the same objective in stages of 16, 64 and N examples on one candidate
+                    (`new_candidate()` first): each stage scores only the examples it adds, so a
+                    trial let through every stage should cost about one full evaluation
   plain evaluate    lm_eval.evaluator.evaluate per trial on tasks built once and a plain
                     HFLM: what the objective does without reusing requests and encodings
   simple_evaluate   lm_eval.simple_evaluate per trial, on the same wrapped model and a
@@ -98,6 +102,7 @@ def main() -> None:
     weights = {m: transformers.AutoModelForCausalLM.from_pretrained(zoo / m).state_dict() for m in models}
 
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -124,9 +129,22 @@ def main() -> None:
     def run_objective() -> dict[str, float]:
         return objective.task_scores(resident, tokenizer)
 
+    staged = build_objectives(
+        [{"kind": "lmeval", "include_path": str(zoo / "tasks"), "tasks": task_names, "limit": args.examples,
+          "batch_size": BATCH, "fidelities": sorted({n for n in (16, 64, args.examples) if n <= args.examples})}],
+        Path("."),
+    )[0]
+
+    def run_incremental() -> dict[str, float]:
+        staged.new_candidate()  # as the worker does after building a candidate
+        for n in staged.fidelities:
+            scores = staged.task_scores(resident, tokenizer, n)
+        return scores
+
     methods = {
         "bare forward": lambda: bare_forward(resident, batches),
         "lmeval objective": run_objective,
+        "incremental stages": run_incremental,
         "plain evaluate": run_plain_evaluate,
         "simple_evaluate": run_simple_evaluate,
     }

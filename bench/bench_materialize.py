@@ -32,20 +32,9 @@ import transformers
 from search.materialize import Materializer
 from search.recipe import load, loads
 from search.sources import SourceModel
+from tinyllama import TINYLLAMA
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
-
-TINYLLAMA = dict(
-    vocab_size=32000,
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-)
-
 
 def random_model(name: str, config: transformers.PretrainedConfig, seed: int, dtype=torch.bfloat16) -> SourceModel:
     """Random weights of a config's shapes, without building a model (faster, less memory)."""
@@ -107,8 +96,7 @@ def timed(fn, repeat: int = 1) -> list[float]:
 
 
 def bench_slerp(args) -> None:
-    config = transformers.LlamaConfig(**TINYLLAMA)
-    config.architectures = ["LlamaForCausalLM"]
+    config = transformers.LlamaConfig(**{k: v for k, v in TINYLLAMA.items() if k not in ("model_type", "torch_dtype")})
     t0 = time.perf_counter()
     a, b = random_model("tiny-a", config, 1), random_model("tiny-b", config, 2)
     total = sum(t.numel() * t.element_size() for t in a.tensors.values())

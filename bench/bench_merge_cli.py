@@ -28,57 +28,12 @@ import torch
 import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tinyllama import TINYLLAMA, tinyllama_tensors
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO.parent / "shared" / "seeds" / "phigment6-slerp.yml"
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-TINYLLAMA = dict(
-    architectures=["LlamaForCausalLM"],
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=22,
-    num_attention_heads=32,
-    num_key_value_heads=4,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    rms_norm_eps=1e-5,
-    hidden_act="silu",
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    rope_theta=10000.0,
-    torch_dtype="bfloat16",
-)
-
-
-def tinyllama_tensors(seed: int) -> dict[str, torch.Tensor]:
-    c = TINYLLAMA
-    h, i, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-
-    t = {"model.embed_tokens.weight": rand(v, h)}
-    for n in range(c["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        t[p + "input_layernorm.weight"] = 1 + rand(h)
-        t[p + "self_attn.q_proj.weight"] = rand(h, h)
-        t[p + "self_attn.k_proj.weight"] = rand(kv, h)
-        t[p + "self_attn.v_proj.weight"] = rand(kv, h)
-        t[p + "self_attn.o_proj.weight"] = rand(h, h)
-        t[p + "post_attention_layernorm.weight"] = 1 + rand(h)
-        t[p + "mlp.gate_proj.weight"] = rand(i, h)
-        t[p + "mlp.up_proj.weight"] = rand(i, h)
-        t[p + "mlp.down_proj.weight"] = rand(h, i)
-    t["model.norm.weight"] = 1 + rand(h)
-    t["lm_head.weight"] = rand(v, h)
-    return t
-
 
 def make_pair(root: Path) -> tuple[Path, Path]:
     sys.path.insert(0, str(REPO / "tests"))

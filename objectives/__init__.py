@@ -44,6 +44,15 @@ class Objective:
     def from_spec(cls, spec: dict, where: str, base_dir: Path) -> "Objective":
         raise NotImplementedError
 
+    def new_candidate(self) -> None:
+        """Called whenever a new candidate has been built into the model that `score` will see.
+
+        Until the next call, `score` may reuse per-example results from its earlier stages on
+        the same candidate (stages are nested), so a stage costs only the examples it adds.
+        Callers that never call it get a full score on every call. The model object itself
+        says nothing: the engine writes each candidate into the same resident object.
+        """
+
     def score(self, model, tokenizer, fidelity: int | None = None) -> float:
         """Score on the first `fidelity` examples of the fixed order (None: the whole search set)."""
         raise NotImplementedError

@@ -21,12 +21,20 @@ twins at all the objective has no held-out split (`has_heldout` False) and
 `score_heldout` returns the full search score.
 
 Cost per trial is what it must be: tasks are built once per objective (datasets
-loaded, documents indexed) and `lm_eval.evaluator.evaluate` is called directly,
-without `simple_evaluate`'s per-call task loading and environment collection;
-each task's requests are built once per stage size and reused. Wrapping the
-model in lm-eval's HFLM costs ~0.2 ms, so every call wraps afresh and no
-candidate outlives its trial through the objective; what is worth keeping across
-trials, the tokenized requests, is kept per tokenizer.
+loaded, documents indexed) and each task's requests (few-shot contexts, templated
+prompts) once per worker, for the largest stage; a call runs only the requests of
+the examples it scores, then applies lm-eval's own filters, per-document metrics
+and aggregation (what `lm_eval.evaluator.evaluate` does, without its per-call
+request building and environment collection). Wrapping the model in lm-eval's
+HFLM costs ~0.2 ms, so every call wraps afresh; the (context, continuation)
+encodings are kept per tokenizer.
+
+Stages are incremental: the subsets are nested, so after `new_candidate()` (the
+worker calls it whenever it builds a candidate) a stage scores only the examples
+it adds to the earlier stages of the same candidate and aggregates the
+per-example metrics of all of them, which gives the same score as scoring the
+whole subset from scratch. Without `new_candidate()` every call scores its whole
+subset; held-out scoring never reuses anything.
 """
 
 from __future__ import annotations
@@ -36,8 +44,9 @@ import functools
 import logging
 import os
 import weakref
+from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # datasets reads these once, when first imported: they must be set before lm_eval imports it.
@@ -45,7 +54,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lm_eval.api.task  # noqa: E402
-import lm_eval.evaluator  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+# evaluate's own aggregation (per task, then groups), fed our per-example items; private to lm-eval,
+# so tests/test_incremental_stages.py checks every stage against a call of `evaluate` itself
+from lm_eval.evaluator_utils import _process_results  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
@@ -129,30 +141,23 @@ def no_progress_bars():
         lm_eval.api.task.tqdm = original
 
 
-def reuse_requests(task) -> None:
-    """Make `task` build its requests once per subset and hand the same ones back on later calls.
+@dataclass
+class RequestPool:
+    """One task's requests, built once for the first `size` examples of the fixed order (None: all).
 
-    `evaluate` rebuilds every request (few-shot context, templating) on each call,
-    though nothing in them depends on the model. The Instances are kept and only
-    their response slots, which `evaluate` fills, are emptied between calls.
+    The Instances are reused by every call: only their response slots, which the
+    scoring fills, are emptied before they are run again.
     """
-    build = task.build_all_requests
-    built: dict[tuple, list] = {}
 
-    def build_all_requests(*, limit=None, samples=None, **kwargs):
-        # chat_template is a method of the (per-call) wrapper; tokenizer_name stands for what it does
-        settings = sorted((k, v) for k, v in kwargs.items() if k != "chat_template")
-        key = (limit, tuple(samples) if samples else None, repr(settings))
-        if key not in built:
-            with no_progress_bars():
-                build(limit=limit, samples=samples, **kwargs)
-            built[key] = task._instances
-        for instance in built[key]:
-            instance.resps = []
-            instance.filtered_resps = {}
-        task._instances = built[key]
+    size: int | None
+    by_doc: dict[int, list[Instance]] = field(default_factory=dict)  # document index -> its requests, in order
 
-    task.build_all_requests = build_all_requests
+    def covers(self, size: int | None) -> bool:
+        return self.size is None or (size is not None and size <= self.size)
+
+
+# Per-example metric items of one candidate: task -> document index -> {(metric, filter): item}.
+ExampleItems = dict[str, dict[int, dict[tuple[str, str], object]]]
 
 
 def parse_tasks(r: SpecReader) -> list[TaskEntry]:
@@ -236,6 +241,8 @@ class LmEvalObjective(Objective):
         # tokenizer -> its (context, continuation) encodings; weak, so a dropped tokenizer takes them along
         self._encodings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._subsets: dict[tuple, list[int]] = {}  # (task, stage size) -> document indices
+        self._pools: dict[tuple, RequestPool] = {}  # (task, template key) -> its requests
+        self._candidate: ExampleItems | None = None  # per-example results of the current candidate
 
         explicit = [e.heldout for e in tasks if e.heldout]
         with quiet_lm_eval(logging.WARNING):
@@ -336,7 +343,9 @@ class LmEvalObjective(Objective):
                 task.set_config(key="num_fewshot", value=self.num_fewshot)
             elif task.get_config("num_fewshot") is None:
                 task.set_config(key="num_fewshot", value=0)
-            reuse_requests(task)
+            if getattr(task, "UNSAFE_CODE", False) or getattr(task, "MULTIMODAL", False):
+                raise UserError(f"tasks: {task.config.task!r} runs untrusted code or needs images; "
+                                "the lmeval objective scores text tasks only")
         return merged
 
     def _heldout(self) -> dict:
@@ -352,36 +361,107 @@ class LmEvalObjective(Objective):
 
     # --- per trial -------------------------------------------------------------------------
 
-    def _run(self, loaded: dict, names: list[str], model, tokenizer, size: int | None) -> dict[str, float]:
-        """Per-entry metric on the first `size` examples (in the fixed order) of every task."""
+    def new_candidate(self) -> None:
+        """A new candidate is resident: forget the last one's per-example results, reuse from now on."""
+        self._candidate = {}
+
+    def _run(self, loaded: dict, names: list[str], model, tokenizer, size: int | None,
+             items: ExampleItems) -> dict[str, float]:
+        """Per-entry metric on the first `size` examples (in the fixed order) of every task.
+
+        `items` holds per-example results already scored for this candidate; only the
+        examples missing from it are run, and it is extended with them.
+        """
         lm = self._wrap(model, tokenizer)
         if self.limit is not None:
             size = self.limit if size is None else min(size, self.limit)
-        task_dict = {k: loaded[k] for k in ("tasks", "groups", "group_map")}
-        samples = None
-        if self.subset_seed is not None:
-            # lm-eval scans every document for membership in `samples` on each call: fine for
-            # evaluation sets of a few thousand; for larger ones prefer file order (no subset_seed).
-            samples = {n: self._subset(n, t, size) for n, t in loaded["tasks"].items()}
-            size = None
-        for task in loaded["tasks"].values():
-            task.set_fewshot_seed(FEWSHOT_SEED)  # identical few-shot contexts every trial
+        subsets, pools = {}, {}
+        for name, task in loaded["tasks"].items():
+            pools[name] = self._pool(name, task, lm, size, items)
+            subsets[name] = self._subset(name, task, size)
+        todo = {n: [d for d in subsets[n] if d not in items.get(n, {})] for n in subsets}
+        self._score_examples(lm, loaded["tasks"], pools, todo, items)
+
+        acc = {}
+        for name, task in loaded["tasks"].items():
+            raw = defaultdict(list)  # as evaluate collects them: per (metric, filter), in document order
+            for d in subsets[name]:
+                for key, value in items[name][d].items():
+                    raw[key].append(value)
+            acc[name] = {"task": task, "raw_metrics": raw, "logged_samples": []}
         with quiet_lm_eval():
-            results = lm_eval.evaluator.evaluate(
-                lm,
-                task_dict,
-                limit=size,
-                samples=samples,
-                bootstrap_iters=0,
-                log_samples=False,
-                apply_chat_template=self.apply_chat_template,
-                system_instruction=self.system_instruction,
-            )
+            results = _process_results(acc, loaded["groups"], 0)._to_eval_results()
         scores = {}
         for entry_name, entry in zip(names, self.entries):
             leaves = loaded["leaves"][entry_name]
             scores[entry_name] = sum(metric_value(results, t, entry.metric) for t in leaves) / len(leaves)
         return scores
+
+    def _pool(self, name: str, task, lm, size: int | None, items: ExampleItems) -> RequestPool:
+        """The task's requests, covering `size`; built once, for the largest stage, so that every
+        stage's examples have the same few-shot contexts and prompts whatever stage scores them."""
+        template = getattr(lm, "tokenizer_name", "") if self.apply_chat_template else ""
+        pool = self._pools.get((name, template))
+        if pool is not None and pool.covers(size):
+            return pool
+        if size is not None and self.fidelities:
+            largest = self.fidelities[-1] if self.limit is None else min(self.fidelities[-1], self.limit)
+            size = max(size, largest)
+        if self.subset_seed is None:
+            limit, samples = size, None
+        else:
+            limit, samples = None, self._subset(name, task, size)
+        task.set_fewshot_seed(FEWSHOT_SEED)  # identical few-shot contexts in every worker
+        with no_progress_bars(), quiet_lm_eval():
+            task.build_all_requests(
+                limit=limit,
+                samples=samples,
+                rank=0,
+                world_size=1,
+                system_instruction=self.system_instruction,
+                apply_chat_template=bool(self.apply_chat_template),
+                fewshot_as_multiturn=False,
+                chat_template=lm.apply_chat_template if self.apply_chat_template else None,
+                tokenizer_name=template,
+            )
+        pool = RequestPool(size)
+        for instance in task.instances:  # doc_id: position among `samples` when given
+            doc = samples[instance.doc_id] if samples else instance.doc_id
+            pool.by_doc.setdefault(doc, []).append(instance)
+        for requests in pool.by_doc.values():
+            requests.sort(key=lambda r: r.idx)
+        self._pools[(name, template)] = pool
+        for scored in (items, self._candidate or {}):
+            scored.pop(name, None)  # scored with the old pool's requests: score again
+        return pool
+
+    def _score_examples(self, lm, tasks: dict, pools: dict, todo: dict[str, list[int]], items: ExampleItems) -> None:
+        """Run the requests of the `todo` examples, all tasks together per request type (as
+        `evaluate` does), then lm-eval's filters and per-document metrics into `items`."""
+        by_type = defaultdict(list)
+        for name, docs in todo.items():
+            for d in docs:
+                for request in pools[name].by_doc[d]:
+                    request.resps, request.filtered_resps = [], {}
+                    by_type[request.request_type].append(request)
+        for request_type, requests in by_type.items():
+            cloned = [r for r in requests for _ in range(r.repeats)]
+            for response, request in zip(getattr(lm, request_type)(cloned), cloned, strict=True):
+                request.resps.append(response)
+        for name, docs in todo.items():
+            if not docs:
+                continue
+            task, by_doc = tasks[name], pools[name].by_doc
+            task._instances = [r for d in docs for r in by_doc[d]]
+            task.apply_filters()
+            done = items.setdefault(name, {})
+            for filter_key in by_doc[docs[0]][0].filtered_resps:
+                for d in docs:
+                    requests = by_doc[d]
+                    metrics = task.process_results(requests[0].doc, [r.filtered_resps[filter_key] for r in requests])
+                    example = done.setdefault(d, {})
+                    for metric, value in metrics.items():
+                        example[(metric, filter_key)] = value
 
     def _subset(self, name: str, task, size: int | None) -> list[int]:
         key = (name, size)
@@ -394,15 +474,20 @@ class LmEvalObjective(Objective):
         total = sum(e.weight for e in self.entries)
         return sum(e.weight * scores[n] for n, e in zip(names, self.entries)) / total
 
+    def _search_items(self) -> ExampleItems:
+        """The current candidate's results to extend, or a throwaway when no candidate was announced."""
+        return self._candidate if self._candidate is not None else {}
+
     def task_scores(self, model, tokenizer, fidelity: int | None = None) -> dict[str, float]:
         names = [e.task for e in self.entries]
-        return self._run(self.search_tasks, names, model, tokenizer, fidelity)
+        return self._run(self.search_tasks, names, model, tokenizer, fidelity, self._search_items())
 
     def score(self, model, tokenizer, fidelity: int | None = None) -> float:
-        names = [e.task for e in self.entries]
-        return self._combine(names, self._run(self.search_tasks, names, model, tokenizer, fidelity))
+        return self._combine([e.task for e in self.entries], self.task_scores(model, tokenizer, fidelity))
 
     def score_heldout(self, model, tokenizer) -> float:
+        # fresh results, never the search's: the held-out score must not lean on what the search scored
         if not self.has_heldout:
-            return self.score(model, tokenizer, None)
-        return self._combine(self.heldout_names, self._run(self._heldout(), self.heldout_names, model, tokenizer, None))
+            names = [e.task for e in self.entries]
+            return self._combine(names, self._run(self.search_tasks, names, model, tokenizer, None, {}))
+        return self._combine(self.heldout_names, self._run(self._heldout(), self.heldout_names, model, tokenizer, None, {}))

@@ -8,7 +8,9 @@ returns scores and timings, and the driver decides.
 A trial is scored in stages so that the driver can prune between them: `begin`
 builds the candidate and scores the first stage, `advance` scores the next stage
 on the candidate still resident from `begin`. A worker keeps one candidate at a
-time; the next `begin` replaces it.
+time; the next `begin` replaces it. Each new candidate is announced to the
+objectives (`new_candidate`), so a stage scores only the examples it adds to the
+earlier stages of the same candidate.
 
 Calls never raise for a bad candidate: an exception in materialize or score is
 returned as {"ok": False, "error": ...}, so the worker stays up for the next trial.
@@ -81,6 +83,12 @@ class Worker:
     def _drop(self) -> None:
         self.trial, self.model, self.tokenizer = None, None, None
 
+    def _new_candidate(self) -> None:
+        # the objectives may reuse a stage's per-example results in the next stage of the
+        # same candidate; the resident model object is the same for every candidate, so tell them
+        for objective in self.objectives:
+            objective.new_candidate()
+
     def _score(self, jobs: StageJobs) -> list[float]:
         import torch
 
@@ -97,6 +105,7 @@ class Worker:
             stages = recipes.loads(recipe_yaml, where=f"trial {trial}")
             model = self.materializer.materialize(stages, seed=self.seed)
             self.tokenizer = self.materializer.tokenizer(stages)
+            self._new_candidate()
             self.model, self.trial = model, trial
             t1 = time.perf_counter()
             scores = self._score(jobs)
@@ -135,6 +144,7 @@ class Worker:
             stages = recipes.loads(recipe_yaml, where=f"trial {trial}")
             model = self.materializer.materialize(stages, seed=self.seed)
             tokenizer = self.materializer.tokenizer(stages)
+            self._new_candidate()
             with torch.inference_mode():
                 scores = [float(self.objectives[i].score_heldout(model, tokenizer)) for i in objective_indices]
         except Exception as e:

@@ -64,6 +64,15 @@ STANDINS = {
 }
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and lose much when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 class StandinZoo:
     """Stand-in folders, built on first use and shared by every test of the session."""
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,8 +25,10 @@ import yaml
 
 from objectives import build_objectives
 from objectives.fidelity import check_fidelities, nested_subset
-from objectives.zoo.tokenizer import VOCAB, make_tokenizer
+from objectives.zoo.tokenizer import VOCAB
 from search.errors import UserError
+from standins import make_standin
+from tiny_models import constant_llama
 
 STRENGTH = 20.0
 
@@ -35,35 +36,13 @@ STRENGTH = 20.0
 # --- fixtures --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and lose much when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def constant_model(tmp_path_factory):
     """A tiny Llama + the zoo's char tokenizer, from a real HF folder; predicts 'a' until told otherwise."""
-    folder = tmp_path_factory.mktemp("model")
-    config = transformers.LlamaConfig(
-        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight.fill_(1.0)
-        model.model.norm.weight.fill_(1.0)
+    model, tokenizer = constant_llama(tmp_path_factory.mktemp("model"))
     predict(model, "a")
     return model, tokenizer
 
@@ -427,9 +406,6 @@ def test_custom_errors(constant_model, tmp_path):
 
 
 def test_cost_counts_parameters_once_and_layers(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parent))
-    from standins import make_standin
-
     objectives = build_objectives([{"kind": "cost", "measure": "params"}, {"kind": "cost", "measure": "layers"}], tmp_path)
     assert [(o.name, o.direction, o.fidelities) for o in objectives] == [("params", "minimize", None), ("layers", "minimize", None)]
     for arch, layers in [("llama", 3), ("gemma", 2)]:  # gemma ties its embeddings: counted once

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from objectives.zoo import skills as zoo_skills
-from objectives.zoo.tasks import SPLITS, repoint_task_folder, task_name, write_task_folder
+from objectives.zoo.tasks import SPLITS, refresh_task_folder, task_name, write_task_folder
 from objectives.zoo.tokenizer import make_tokenizer
 from objectives.zoo.train import init_model, train
 from search.errors import UserError
@@ -78,7 +78,7 @@ def build_zoo(
     if is_complete(folder, seed, scale):
         manifest = read_manifest(folder)
         for skill in manifest["skills"]:
-            repoint_task_folder(folder / "tasks" / skill)  # in case the zoo was moved here
+            refresh_task_folder(folder / "tasks" / skill)  # in case the zoo was moved here, or is older
         log(f"zoo: {folder} already holds the zoo of seed {seed}; reusing it")
         return manifest
     if folder.exists() and not folder.is_dir():

@@ -8,7 +8,10 @@ Scoring is teacher-forced: lm-eval's `loglikelihood` request returns `is_greedy`
 whether greedy decoding would produce the whole target; with the target
 `answer</s>` that is exact match of a greedy generation that stops at EOS, for
 one batched forward pass instead of a token-by-token generation. lm-eval reports
-it as the metric `acc`.
+it as the metric `acc`. The same request gives the answer's log-likelihood, which
+lm-eval reports as `perplexity` (exp of minus the mean log-likelihood; lower is
+better): a score that still ranks candidates which all get a small subset right,
+where `acc` ties them (the demo searches on it, see runs/demo.yaml).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from pathlib import Path
 import yaml
 
 SPLITS = ("search", "heldout", "test")
+METRICS = [
+    {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+    {"metric": "perplexity", "aggregation": "perplexity", "higher_is_better": False},
+]
 
 
 def task_name(skill: str, split: str) -> str:
@@ -46,18 +53,20 @@ def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], f
             "doc_to_text": "{{prompt}}",
             "doc_to_target": "{{answer}}</s>",
             "target_delimiter": "",
-            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+            "metric_list": METRICS,
             "metadata": {"version": 1.0},
         }
         (folder / f"{task_name(skill, split)}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 
-def repoint_task_folder(folder: Path) -> None:
-    """Make every YAML in `folder` name the jsonl beside it (after the zoo was moved or copied)."""
+def refresh_task_folder(folder: Path) -> None:
+    """Make every YAML in `folder` name the jsonl beside it (after the zoo was moved or copied)
+    and list the metrics this version scores (a zoo built by an earlier one lacks `perplexity`)."""
     for path in sorted(folder.glob("*.yaml")):
         config = yaml.safe_load(path.read_text())
         files = config["dataset_kwargs"]["data_files"]
         wanted = {split: str(folder.resolve() / f"{split}.jsonl") for split in files}
-        if files != wanted:
+        if files != wanted or config.get("metric_list") != METRICS:
             config["dataset_kwargs"]["data_files"] = wanted
+            config["metric_list"] = METRICS
             path.write_text(yaml.safe_dump(config, sort_keys=False))
