@@ -231,14 +231,6 @@ def _version() -> str:
 
 # ---- tensors computed straight into the files ---------------------------------
 
-# torch dtype name -> the safetensors header's name for it
-_ST_DTYPES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-
-
 class _Layout:
     """Where each tensor goes: shard files named and split as `write_tensors` does, each with its
     safetensors header, and every tensor's byte offset in its file."""
@@ -246,6 +238,9 @@ class _Layout:
     def __init__(self, specs: dict, max_shard_size: int):
         import torch
 
+        from search.sources import SAFETENSORS_DTYPES
+
+        header_name = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
         self.specs = specs
         itemsize = {n: torch.empty((), dtype=d).element_size() for n, (_, d) in specs.items()}
         self.nbytes = {n: _numel(shape) * itemsize[n] for n, (shape, _) in specs.items()}
@@ -262,7 +257,7 @@ class _Layout:
             header, offset = {"__metadata__": {"format": "pt"}}, 0
             for n in order:
                 shape, dtype = specs[n]
-                header[n] = {"dtype": _ST_DTYPES[str(dtype).removeprefix("torch.")], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + self.nbytes[n]]}
+                header[n] = {"dtype": header_name[dtype], "shape": [int(d) for d in shape], "data_offsets": [offset, offset + self.nbytes[n]]}
                 offset += self.nbytes[n]
             head = json.dumps(header, separators=(",", ":")).encode()
             head += b" " * (-len(head) % 8)  # data starts 8-byte aligned, as safetensors pads it

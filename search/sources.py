@@ -67,16 +67,20 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-_ST_DTYPES = {
+# safetensors header dtype names -> torch dtypes (search/output.py writes headers with the inverse)
+SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,
     "F32": torch.float32,
     "F64": torch.float64,
     "I64": torch.int64,
     "I32": torch.int32,
+    "I16": torch.int16,
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -129,7 +133,7 @@ def read_tensor_infos(name: str, path: Path, allow_pickle: bool = False) -> dict
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
                 sl = st.get_slice(key)
-                infos[key] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
+                infos[key] = TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
     return infos
 
 
