@@ -11,7 +11,7 @@ one batched forward pass instead of a token-by-token generation. lm-eval reports
 it as the metric `acc`. The same request gives the answer's log-likelihood, which
 lm-eval reports as `perplexity` (exp of minus the mean log-likelihood; lower is
 better): a score that still ranks candidates which all get a small subset right,
-where `acc` ties them (`metric: perplexity` in an lmeval objective; BENCHMARKS.md,
+where `acc` ties them (the demo searches on it, runs/demo.yaml; BENCHMARKS.md,
 "Search: pruning", compares the two for pruning).
 """
 
