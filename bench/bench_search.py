@@ -392,10 +392,10 @@ def pruning_report(results: dict, budget: int, factor: int, command: str, metric
 
 
 PRUNING_NOTES = [
-    "Reading these numbers (target of issue 4: pruning needs at most half the compute): **met on four seeds "
-    "of five, not on the fifth**. Successive halving needed 0.28-0.49 of the compute on seeds 0-3 (their "
-    "sum: 0.37), but on seed 4 none of its 160 trials reached that seed's target (its best held-out 1.392 "
-    "against 1.371). What it took, from earlier runs of this bench on 2026-11-21:",
+    "Reading these numbers (target of issue 4: pruning needs at most half the compute): **not met over "
+    "eight seeds**. Successive halving needed 0.28-0.49 of the compute on seeds 0-3, 0.51 and 0.78 on seeds "
+    "6 and 7, and on seeds 4 and 5 none of its 160 trials reached the seed's target; the median over the "
+    "eight seeds is 0.50. What it took to get this far, from earlier runs of this bench on 2026-11-21:",
     "",
     "- Incremental stages (`objectives/lmeval.py`; equal to scoring the whole subset from scratch, "
     "`tests/test_incremental_stages.py`): a trial let through costs 256 examples per task, as without a "
