@@ -1,7 +1,7 @@
 """Score functions for the search tests: `kind: custom` objectives, called inside Ray workers.
 
 A test writes a tiny module next to its run spec that binds one of these with its
-arguments (a target file, a marker file), e.g. `score = closeness("/tmp/x/target.pt")`.
+arguments (a target file, a marker file), e.g. `score = closeness(str(tmp_path / "target.pt"))` written out as a literal path.
 """
 
 from __future__ import annotations
