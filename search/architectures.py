@@ -58,17 +58,16 @@ _EMBED = WeightSpec("model.embed_tokens.weight", vocabulary_axis=0)
 _NORM = WeightSpec("model.norm.weight")
 _TIED_HEAD = WeightSpec("lm_head.weight", optional=True, tied_names=("model.embed_tokens.weight",), vocabulary_axis=0)
 
-_LLAMA_LAYER = _layer(
+# The attention half of a Llama-style layer, in mergekit's order; Mixtral shares it.
+_LLAMA_ATTENTION = (
     "input_layernorm.weight",
     "self_attn.q_proj.weight",
     "self_attn.k_proj.weight",
     "self_attn.v_proj.weight",
     "self_attn.o_proj.weight",
     "post_attention_layernorm.weight",
-    "mlp.up_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.down_proj.weight",
 )
+_LLAMA_LAYER = _layer(*_LLAMA_ATTENTION, "mlp.up_proj.weight", "mlp.gate_proj.weight", "mlp.down_proj.weight")
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.name: a
@@ -129,17 +128,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "mixtral",
             ("MixtralForCausalLM",),
             (_EMBED,),
-            _layer(
-                "input_layernorm.weight",
-                "self_attn.q_proj.weight",
-                "self_attn.k_proj.weight",
-                "self_attn.v_proj.weight",
-                "self_attn.o_proj.weight",
-                "post_attention_layernorm.weight",
-                "mlp.experts.gate_up_proj",
-                "mlp.experts.down_proj",
-                "mlp.gate.weight",
-            ),
+            _layer(*_LLAMA_ATTENTION, "mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"),
             (_NORM, _TIED_HEAD),
         ),
     ]
