@@ -23,22 +23,15 @@ EPS = 1e-8
 _STAT_CHUNK = 1024 * 1024  # mergekit's chunk for norms and dot (one tensor per batch)
 
 
-def pair_statistics(
-    a: torch.Tensor, b: torch.Tensor, buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_statistics(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(dot of the normalized vectors, clamped; is-colinear) for one pair, as [1, 1] tensors.
 
-    buffers: two scratch vectors of the work dtype, at least one chunk long (or the
-    tensor's length), that each chunk is converted into: reusing them instead of
-    allocating per chunk halves the cost on the CPU (fresh memory is page faults)."""
-    dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
+    x, y: two float32 scratch vectors (float64 for float64 tensors; `_stat_buffers`), at least one chunk
+    long (or the tensor's length), that each chunk is converted into: reusing them
+    instead of allocating per chunk halves the cost on the CPU (fresh memory is page faults)."""
     a = a.reshape(1, -1)
     b = b.reshape(1, -1)
     n = a.shape[1]
-    if buffers is None:
-        size = min(n, _STAT_CHUNK)
-        buffers = (torch.empty(size, dtype=dtype, device=a.device), torch.empty(size, dtype=dtype, device=a.device))
-    x, y = buffers
 
     def chunk(buffer: torch.Tensor, t: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return buffer[: e - s].view(1, -1).copy_(t[:, s:e])
@@ -79,7 +72,7 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
         raise TypeError("slerp needs floating-point tensors")
     if a.numel() == 0:
         return a.clone()
-    dot, colinear = ctx.cache.get(inputs.pair_key("slerp"), lambda: pair_statistics(a, b, _stat_buffers(a, ctx)))
+    dot, colinear = ctx.cache.get(inputs.pair_key("slerp"), lambda: pair_statistics(a, b, *_stat_buffers(a, ctx)))
     coef_a, coef_b = coefficients(shared["t"], dot, colinear)
 
     # t that selects one side exactly: mergekit stores that side's bytes when the
