@@ -31,7 +31,9 @@ class RunSpec(BaseModel):
     models: dict[str, str] = Field(min_length=1)
     space: dict[str, Any]
     objectives: list[dict[str, Any]] = Field(min_length=1)
-    pruner: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    # successive halving by default: the median pruner compares only with completed trials, which
+    # TPE soon beats, so it stops few (BENCHMARKS.md, "Search: pruning")
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = "successive_halving"
     # a name from SAMPLERS, a dotted path to a sampler class, or {name: ..., <constructor options>}
     sampler: Union[str, dict[str, Any]] = "tpe"
     trials: Optional[int] = Field(default=None, ge=1)

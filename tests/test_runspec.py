@@ -57,7 +57,8 @@ def test_a_good_spec_resolves_paths_and_defaults(folder):
     assert spec.run_dir == folder / "demo"
     assert spec.models == {"base": str(folder / "zoo/base"), "fst": str(folder / "zoo/fst")}
     assert spec.enqueue == [str(folder / "known.yaml")]
-    assert (spec.pruner, spec.sampler_name, spec.workers, spec.seed, spec.heldout_top_k) == ("median", "tpe", 1, 0, 3)
+    assert (spec.pruner, spec.sampler_name, spec.workers, spec.seed, spec.heldout_top_k) == (
+        "successive_halving", "tpe", 1, 0, 3)
 
 
 def test_command_line_overrides_win(folder):
