@@ -363,7 +363,7 @@ def pruning_report(results: dict, budget: int, factor: int, export_at: int, comm
     exports = {seed: demo_export(res["runs"]["none"]["steps"], export_at, sign) for seed, res in results.items()}
     target = statistics.median(exports.values())
     pruners = list(next(iter(results.values()))["runs"])
-    fmt = f"{{:.{4}f}}"
+    fmt = "{:.4f}"
     lines = [
         "## Search: pruning",
         "",
@@ -410,6 +410,8 @@ def pruning_report(results: dict, budget: int, factor: int, export_at: int, comm
         ours = expected_compute([r[pruner] for r in runs], level, sign)
         ref = expected_compute([r["none"] for r in runs], level, sign)
         reached = [to_target(r[pruner]["steps"], level, sign) is not None for r in runs]
+        if ref == float("inf"):
+            return f"no run without a pruner reached it ({sum(reached)}/{len(reached)} seeds with {pruner})"
         return f"{ours / ref:.2f} ({sum(reached)}/{len(reached)} seeds reached it)"
 
     lines += [
