@@ -493,38 +493,33 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="replace the ## Search section of BENCHMARKS.md")
     args = ap.parse_args()
 
-    if args.pruning and args.from_json:
-        results = {seed: res for f in args.from_json for seed, res in json.loads(f.read_text()).items()}
-        metric = f" --metric {args.metric}" if args.metric else ""
-        command = ("the per-trial results of " + ", ".join(f"`{f.name}`" for f in args.from_json) + " merged by "
-                   f"`--from-json`; runs of `--pruning --first-seed S --seeds N --pruning-trials {args.pruning_trials} "
-                   f"--pruned-factor {args.pruned_factor}"
-                   f"{metric}`")
-        text = pruning_report(results, args.pruning_trials, args.pruned_factor, args.export_at, command, args.metric)
-        print(text)
-        if args.write:
-            write_section(text, "## Search: pruning")
-        return
-
-    import ray
-
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    if not (args.pruning and args.from_json):  # everything else runs searches
+        import ray
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     if args.pruning:
-        with tempfile.TemporaryDirectory(prefix="bench_pruning_") as tmp:
-            results = pruning_runs(Path(tmp), seeds, args.pruning_trials, args.pruned_factor, args.pruners.split(","),
-                                   args.metric)
-        ray.shutdown()
         metric = f" --metric {args.metric}" if args.metric else ""
-        command = (f"command: `.venv/bin/python bench/bench_search.py --pruning --first-seed {args.first_seed} "
-                   f"--seeds {args.seeds} --pruning-trials {args.pruning_trials} --pruned-factor {args.pruned_factor} "
-                   f"--export-at {args.export_at}{metric} --write`")
+        if args.from_json:
+            results = {seed: res for f in args.from_json for seed, res in json.loads(f.read_text()).items()}
+            command = ("the per-trial results of " + ", ".join(f"`{f.name}`" for f in args.from_json) + " merged by "
+                       f"`--from-json`; runs of `--pruning --first-seed S --seeds N --pruning-trials "
+                       f"{args.pruning_trials} --pruned-factor {args.pruned_factor}{metric}`")
+        else:
+            with tempfile.TemporaryDirectory(prefix="bench_pruning_") as tmp:
+                results = pruning_runs(Path(tmp), seeds, args.pruning_trials, args.pruned_factor,
+                                       args.pruners.split(","), args.metric)
+            ray.shutdown()
+            command = (f"command: `.venv/bin/python bench/bench_search.py --pruning --first-seed {args.first_seed} "
+                       f"--seeds {args.seeds} --pruning-trials {args.pruning_trials} --pruned-factor "
+                       f"{args.pruned_factor} --export-at {args.export_at}{metric} --write`")
         text = pruning_report(results, args.pruning_trials, args.pruned_factor, args.export_at, command, args.metric)
         print(text)
         if args.write:
             write_section(text, "## Search: pruning")
             print(f"wrote the ## Search: pruning section of {ROOT / 'BENCHMARKS.md'}")
         return
+
     budgets = {"slerp": args.slerp_trials, "layout": args.layout_trials}
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
         work = Path(tmp)
