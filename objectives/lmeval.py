@@ -35,6 +35,10 @@ it adds to the earlier stages of the same candidate and aggregates the
 per-example metrics of all of them, which gives the same score as scoring the
 whole subset from scratch. Without `new_candidate()` every call scores its whole
 subset; held-out scoring never reuses anything.
+
+`example_values()` hands those per-example results of the current candidate to the
+paired pruner (search/paired_pruner.py), which compares a trial with the best one
+example by example; it needs metrics lm-eval aggregates by their mean or as perplexity.
 """
 
 from __future__ import annotations
@@ -215,6 +219,15 @@ def metric_value(results: dict, task: str, metric: str) -> float:
     if not isinstance(value, (int, float)):
         raise UserError(f"task {task!r} metric {keys[0]!r} is {value!r}, not a number")
     return float(value)
+
+
+def _item_key(example: dict, metric: str, filter_key: str) -> tuple[str, str]:
+    """The (metric, filter) key of `metric` in one example's items: the named filter, else "none"
+    or the only one."""
+    if filter_key:
+        return (metric, filter_key)
+    keys = [k for k in example if k[0] == metric]
+    return (metric, "none") if (metric, "none") in keys else keys[0]
 
 
 class LmEvalObjective(Objective):
@@ -481,6 +494,40 @@ class LmEvalObjective(Objective):
     def task_scores(self, model, tokenizer, fidelity: int | None = None) -> dict[str, float]:
         names = [e.task for e in self.entries]
         return self._run(self.search_tasks, names, model, tokenizer, fidelity, self._search_items())
+
+    def example_aggregations(self) -> dict[str, str]:
+        """Each search task's aggregation of its entry's metric, "mean" or "perplexity" (what the
+        paired pruner can compare example by example); a UserError names any other."""
+        from lm_eval.api import metrics
+
+        known = {metrics.mean: "mean", metrics.perplexity: "perplexity"}
+        out = {}
+        for entry in self.entries:
+            metric = entry.metric.split(",")[0]
+            for leaf in self.search_tasks["leaves"][entry.task]:
+                fn = self.search_tasks["tasks"][leaf].aggregation().get(metric)
+                if fn not in known:
+                    raise UserError(f"pruner: paired compares scores that average their examples (or lm-eval's "
+                                    f"perplexity); task {leaf!r} aggregates {metric!r} by "
+                                    f"{getattr(fn, '__name__', fn)!r}; use successive_halving")
+                out[leaf] = known[fn]
+        return out
+
+    def example_values(self, fidelity: int | None = None) -> dict:
+        """The current candidate's per-example results behind its last `score` (the examples of its
+        stages so far), per search task with the task's aggregation and share of the score."""
+        items, aggregations = self._search_items(), self.example_aggregations()
+        total = sum(e.weight for e in self.entries)
+        out = {}
+        for entry in self.entries:
+            metric, _, filter_key = entry.metric.partition(",")
+            leaves = self.search_tasks["leaves"][entry.task]
+            for leaf in leaves:
+                values = {d: float(example[_item_key(example, metric, filter_key)])
+                          for d, example in items.get(leaf, {}).items()}
+                out[leaf] = {"aggregation": aggregations[leaf], "weight": entry.weight / total / len(leaves),
+                             "values": values}
+        return out
 
     def score(self, model, tokenizer, fidelity: int | None = None) -> float:
         return self._combine([e.task for e in self.entries], self.task_scores(model, tokenizer, fidelity))

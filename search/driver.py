@@ -40,6 +40,7 @@ from search import export, records
 from search import recipe as recipes
 from search.errors import UserError
 from search.progress import Counts, Progress
+from search.paired_pruner import PairedPruner
 from search.pruners import build_pruner
 from search.runspec import RunSpec
 from search.samplers import build_sampler
@@ -207,6 +208,13 @@ class Driver:
         prune = not self.multi and spec.pruner != "none"
         self.stages = plan_stages(fidelities, prune)
         self.pruner = build_pruner(spec.pruner if prune else "none", fidelities[0] if prune else None)
+        self.send_examples = isinstance(self.pruner, PairedPruner)
+        if self.send_examples:
+            if not hasattr(objectives[0], "example_aggregations"):
+                raise UserError(f"pruner: paired compares trials example by example, which only the lmeval "
+                                f"objective reports ({objectives[0].name} is {objectives[0].kind}); use "
+                                "successive_halving")
+            objectives[0].example_aggregations()  # a metric it cannot compare fails here, before any trial
         self.sampler = build_sampler(spec.sampler_name, spec.seed, len(objectives), spec.sampler_options)
         self.enqueued_params = []
         for path in spec.enqueue:
@@ -314,7 +322,8 @@ class Driver:
     def _spawn(self, slot: Slot) -> None:
         spec = self.spec
         slot.handle = self.remote_worker.options(max_restarts=0, **self.actor_options).remote(
-            slot.name, spec.models, spec.objectives, str(spec.base_dir), spec.seed, spec.allow_pickle, self.threads
+            slot.name, spec.models, spec.objectives, str(spec.base_dir), spec.seed, spec.allow_pickle, self.threads,
+            self.send_examples,
         )
 
     def _replace(self, slot: Slot) -> None:
@@ -478,6 +487,8 @@ class Driver:
         if bad:
             self._defer(run, TrialState.FAIL, reason=f"objective {bad[0]} returned {scores[bad[0]]}", worker=slot)
             return False
+        if result.get("examples") is not None:
+            self.pruner.record(run.number, result["examples"])
         if run.stage == len(self.stages) - 1:
             values = self._final_values(run)
             self._defer(run, TrialState.COMPLETE, values=values, worker=slot)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import optuna
 
 from search.errors import UserError
+from search.paired_pruner import PairedPruner
 
 
 def _reduction_factor(fidelities: list[int]) -> int:
@@ -25,10 +26,12 @@ def build_pruner(name: str, fidelities: list[int] | None = None) -> optuna.prune
         return p.NopPruner()  # a single stage leaves nothing to stop early
     if name == "median":
         return p.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    if name == "paired":
+        return PairedPruner()
     if name == "successive_halving":
         return p.SuccessiveHalvingPruner(min_resource=fidelities[0], reduction_factor=_reduction_factor(fidelities))
     if name == "hyperband":
         return p.HyperbandPruner(
             min_resource=fidelities[0], max_resource=fidelities[-1], reduction_factor=_reduction_factor(fidelities)
         )
-    raise UserError(f"pruner: unknown pruner {name!r}; use median, successive_halving, hyperband or none")
+    raise UserError(f"pruner: unknown pruner {name!r}; use paired, successive_halving, hyperband, median or none")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from search import recipe as recipes
 from search.errors import UserError
 
-PRUNERS = ("median", "successive_halving", "hyperband", "none")
+PRUNERS = ("paired", "successive_halving", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -31,9 +31,10 @@ class RunSpec(BaseModel):
     models: dict[str, str] = Field(min_length=1)
     space: dict[str, Any]
     objectives: list[dict[str, Any]] = Field(min_length=1)
-    # successive halving by default: the median pruner compares only with completed trials, which
-    # TPE soon beats, so it stops few (BENCHMARKS.md, "Search: pruning")
-    pruner: Literal["median", "successive_halving", "hyperband", "none"] = "successive_halving"
+    # successive halving by default, as it works with any objective (paired needs lmeval's per-example
+    # results); the median pruner compares only with completed trials, which TPE soon beats, so it
+    # stops few (BENCHMARKS.md, "Search: pruning")
+    pruner: Literal["paired", "successive_halving", "hyperband", "median", "none"] = "successive_halving"
     # a name from SAMPLERS, a dotted path to a sampler class, or {name: ..., <constructor options>}
     sampler: Union[str, dict[str, Any]] = "tpe"
     trials: Optional[int] = Field(default=None, ge=1)

@@ -3,7 +3,10 @@
 `tpe` is the default: multivariate (parameters are modelled jointly — a slerp
 curve's anchors interact) with the constant liar, so that trials still running on
 other workers count as pending and asynchronous workers do not all sample the
-same point.
+same point. In a pruned search it also learns from the trials stopped at the last stage
+before the full score, at an estimate of their final score (search/staged_tpe.py);
+`optuna.samplers.TPESampler` by dotted path is Optuna's own, which ranks every pruned
+trial behind every finished one.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 import optuna
 
 from search.errors import UserError
+from search.staged_tpe import StagedTPESampler
 
 SINGLE_OBJECTIVE_ONLY = ("cmaes",)
 
@@ -22,7 +26,7 @@ SINGLE_OBJECTIVE_ONLY = ("cmaes",)
 def _by_name(name: str, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
     s = optuna.samplers
     if name == "tpe":
-        return s.TPESampler(**{"multivariate": True, "constant_liar": True, "seed": seed, **options})
+        return StagedTPESampler(**{"multivariate": True, "constant_liar": True, "seed": seed, **options})
     if name == "cmaes":
         return s.CmaEsSampler(**{"seed": seed, **options})
     if name == "gp":

@@ -47,6 +47,7 @@ class Worker:
         seed: int | None = None,
         allow_pickle: bool = False,
         threads: int | None = None,
+        send_examples: bool = False,
     ):
         import torch
 
@@ -64,6 +65,8 @@ class Worker:
         self.model = None
         self.tokenizer = None
         self.busy_s = 0.0
+        # the paired pruner compares trials example by example: send the first objective's per-example results
+        self.send_examples = send_examples
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -95,6 +98,10 @@ class Worker:
         with torch.inference_mode():
             return [float(self.objectives[i].score(self.model, self.tokenizer, fidelity)) for i, fidelity in jobs]
 
+    def _scored(self, t0: float, scores: list[float], **timings: float) -> dict[str, Any]:
+        examples = self.objectives[0].example_values() if self.send_examples else None
+        return self._result(t0, ok=True, scores=scores, examples=examples, **timings)
+
     def begin(self, trial: int, recipe_yaml: str, jobs: StageJobs) -> dict[str, Any]:
         """Build the candidate of `trial` and score its first stage."""
         from search import recipe as recipes
@@ -113,7 +120,7 @@ class Worker:
             self._drop()
             return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
         t2 = time.perf_counter()
-        return self._result(t0, ok=True, scores=scores, materialize_s=t1 - t0, score_s=t2 - t1)
+        return self._scored(t0, scores, materialize_s=t1 - t0, score_s=t2 - t1)
 
     def advance(self, trial: int, jobs: StageJobs, last: bool = False) -> dict[str, Any]:
         """Score the next stage on the candidate `begin` left resident."""
@@ -125,9 +132,10 @@ class Worker:
         except Exception as e:
             self._drop()
             return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+        result = self._scored(t0, scores, score_s=time.perf_counter() - t0)
         if last:
             self._drop()
-        return self._result(t0, ok=True, scores=scores, score_s=time.perf_counter() - t0)
+        return result
 
     def release(self) -> None:
         self._drop()

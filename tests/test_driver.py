@@ -255,6 +255,15 @@ def test_stages_prune_on_the_resident_candidate_and_held_out_changes_the_pick(zo
     assert result.best["trial"] == complete[2]["trial"] != complete[0]["trial"]
 
 
+def test_the_paired_pruner_needs_an_objective_that_reports_its_examples(zoo, tmp_path):
+    objectives = [{"kind": "custom", "function": "fns.py:fingerprint", "fidelities": [1, 2, 4]}]
+    space = {"kind": "weights", "method": "task_arithmetic", "base": "base", "models": ["fst", "nxt"]}
+    spec = load_spec(write_run(tmp_path, "paired", zoo, space, "", objectives, trials=2, pruner="paired"))
+    with pytest.raises(UserError, match="pruner: paired .* only the lmeval objective reports .* successive_halving"):
+        run(spec, quiet=True)
+    assert not spec.run_dir.exists()
+
+
 def test_constraints_prune_before_building_and_failures_are_recorded(zoo, tmp_path):
     """A free layout under max_layers (pruned, never built), an objective that raises on deep stacks (FAIL),
     on a journal-file storage."""

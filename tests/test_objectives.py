@@ -11,12 +11,14 @@ also show that a wrapper reused across trials sees new weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -27,6 +29,7 @@ from objectives import build_objectives
 from objectives.fidelity import check_fidelities, nested_subset
 from objectives.zoo.tokenizer import VOCAB
 from search.errors import UserError
+from search.paired_pruner import PairedPruner
 from standins import make_standin
 from tiny_models import constant_llama
 
@@ -98,6 +101,7 @@ GREEDY = {  # teacher-forced: is the whole continuation the greedy one (the zoo'
 # gold answers of the 'pick' tasks: every prefix of the search split has its own share of 'a'
 SEARCH_GOLDS = "aabaababbbaaabab"  # 16 docs; 'a' share of the first 2/4/8/16: 1, .75, .625, .5625
 HELDOUT_GOLDS = "bbbbbbabbbbbbabb"  # held-out disagrees: mostly 'b'
+PPL_ANSWERS = ["a", "aa", "ab", "a", "aaa", "b", "a", "aa"] * 4  # 32 docs, mostly 'a'
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,8 @@ def tasks(tmp_path_factory):
     write_task(root / "gen", "gen", [{"q": f"q{i}", "answer": a} for i, a in enumerate(answers)], GEN)
     continuations = ["a", "a", "ab", "b", "a", "aa"]  # greedy under 'a': a, a, -, -, a, aa
     write_task(root / "greedy", "greedy", [{"q": f"q{i}", "answer": a} for i, a in enumerate(continuations)], GREEDY)
+    write_task(root / "ppl", "ppl", [{"q": f"q{i}", "answer": a} for i, a in enumerate(PPL_ANSWERS)],
+               {**GREEDY, "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]})
     return root
 
 
@@ -272,34 +278,46 @@ def test_lmeval_unknown_metric_names_the_ones_reported(constant_model, tasks):
 # --- pruning ------------------------------------------------------------------------------------
 
 
+PICK = {"tasks": ["pick_search"], "fidelities": [4, 8, 16]}  # acc, maximize
+PPL = {"tasks": [{"task": "ppl", "metric": "perplexity"}], "fidelities": [8, 16, 32], "direction": "minimize"}
+
+
 @pytest.mark.parametrize(
-    "pruner, max_stages",
+    "make_pruner, objective_spec, max_stages",
     [
-        (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0), 1),
-        (optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2), 2),
+        (lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0), PICK, 1),
+        (lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2), PICK, 2),
+        # on 'pick', 'b' against 'a' is worse on 3 of the first 4 examples, not significantly; on 'ppl'
+        # (answers mostly 'a's) it is worse on almost every example
+        (PairedPruner, PPL, 1),
     ],
-    ids=["median", "successive_halving"],
+    ids=["median", "successive_halving", "paired"],
 )
-def test_pruning_stops_bad_candidates_early(constant_model, tasks, pruner, max_stages):
+def test_pruning_stops_bad_candidates_early(constant_model, tasks, make_pruner, objective_spec, max_stages):
     """Candidates with x < 0.4 answer 'b' (bad on every stage); the pruner must stop them early."""
     model, tok = constant_model
-    objective = lmeval(tasks, tasks=["pick_search"], fidelities=[4, 8, 16])
+    objective = lmeval(tasks, **objective_spec)
+    pruner = make_pruner()
     stages_run: dict[int, int] = {}
 
     def run_trial(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", 0.0, 1.0)
         predict(model, "a" if x >= 0.4 else "b")
+        objective.new_candidate()
         stages_run[trial.number] = 0
         for step, n in enumerate(objective.fidelities):
             value = objective.score(model, tok, n)
             stages_run[trial.number] += 1
+            if isinstance(pruner, PairedPruner):  # as the driver does for it
+                pruner.record(trial.number, objective.example_values())
             trial.report(value, step)
-            if trial.should_prune():
+            if n != objective.fidelities[-1] and trial.should_prune():
                 raise optuna.TrialPruned()
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0), pruner=pruner)
+    study = optuna.create_study(direction=objective.direction, sampler=optuna.samplers.RandomSampler(seed=0),
+                                pruner=pruner)
     study.optimize(run_trial, n_trials=16)
     predict(model, "a")
 
@@ -311,6 +329,25 @@ def test_pruning_stops_bad_candidates_early(constant_model, tasks, pruner, max_s
     assert late_bad and late_bad <= pruned
     assert all(stages_run[n] <= max_stages for n in late_bad)  # never paid for the full evaluation
     assert study.best_trial.number not in bad
+
+
+@pytest.mark.parametrize("metric", ["perplexity", "acc"])
+def test_example_values_rebuild_the_score(constant_model, tasks, metric):
+    """What the paired pruner compares: per-example values whose aggregation is the stage's score."""
+    model, tok = constant_model
+    objective = lmeval(tasks, tasks=[{"task": "ppl", "metric": metric}, {"task": "pick_search", "metric": "acc"}],
+                       fidelities=[8, 16])
+    predict(model, "a", "b", weights=(1.0, 0.6))
+    objective.new_candidate()
+    for n in objective.fidelities:
+        score = objective.score(model, tok, n)
+        rebuilt = 0.0
+        for task in objective.example_values().values():
+            mean = float(np.mean(list(task["values"].values())))
+            assert len(task["values"]) == n
+            rebuilt += task["weight"] * (math.exp(-mean) if task["aggregation"] == "perplexity" else mean)
+        assert rebuilt == pytest.approx(score)
+    predict(model, "a")
 
 
 # --- perplexity ---------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 
 from search.errors import UserError
 from search.pruners import build_pruner
 from search.runspec import load_spec
 from search.samplers import build_sampler
+from search.staged_tpe import read_pruned_as_finished
 from search.storage import mask, open_storage
 
 
@@ -159,6 +162,65 @@ def test_samplers_by_name_are_seeded(name, cls):
 def test_tpe_is_multivariate_with_constant_liar():
     tpe = build_sampler("tpe", 0)
     assert tpe._multivariate is True and tpe._constant_liar is True
+
+
+def _proposals(study, n):
+    xs = []
+    for _ in range(n):
+        t = study.ask()
+        xs.append(t.suggest_float("x", 0, 1))
+        study.tell(t, (xs[-1] - 0.5) ** 2)
+    return xs
+
+
+def test_tpe_without_stages_proposes_as_optunas_tpe():
+    ours = optuna.create_study(sampler=build_sampler("tpe", 3))
+    theirs = optuna.create_study(sampler=optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=3))
+    assert _proposals(ours, 25) == _proposals(theirs, 25)  # past the 10 random start-up trials
+
+
+def test_tpe_ranks_pruned_trials_by_their_estimated_final_score():
+    """Thirty trials pruned at the last stage before the full score (16 here) show the good region
+    is near x = 0.8; the three that finished sit near 0.2. Optuna's TPE ranks pruned trials behind
+    every finished one and keeps proposing elsewhere; ours reads each pruned trial at its stage-16
+    score plus the finished trials' mean gap from stage 16 to the end (here 0), and moves to 0.8."""
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+
+    def seeded(sampler):
+        study = optuna.create_study(sampler=sampler)
+        for i in range(30):
+            x = (i + 0.5) / 30
+            study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, state=TrialState.PRUNED,
+                                                      intermediate_values={16: (x - 0.8) ** 2}))
+        for x in (0.18, 0.2, 0.22):
+            study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=dist, value=(x - 0.8) ** 2,
+                                                      intermediate_values={16: (x - 0.8) ** 2}))
+        xs = []
+        for _ in range(10):
+            t = study.ask(dist)
+            xs.append(t.params["x"])
+            study.tell(t, state=TrialState.FAIL)  # keep the history as it is
+        return statistics.median(xs)
+
+    assert seeded(build_sampler("tpe", 0)) > 0.6
+    assert seeded(optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=0)) < 0.4
+
+
+def test_a_trial_pruned_at_the_deepest_stage_reads_at_its_score_there_plus_the_mean_gap():
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    finished = [optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=v + 0.5,
+                                          intermediate_values={16: v, 128: v + 0.25}) for v in (1.0, 2.0)]
+    at_16 = optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, state=TrialState.PRUNED,
+                                      intermediate_values={16: 3.0})
+    at_128 = optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, state=TrialState.PRUNED,
+                                       intermediate_values={16: 3.0, 128: 3.0})
+    at_64 = optuna.trial.create_trial(params={"x": 0.1}, distributions=dist, state=TrialState.PRUNED,
+                                      intermediate_values={64: 3.0})  # a step no finished trial reported
+    read = read_pruned_as_finished([*finished, at_16, at_128, at_64])
+    assert (read[3].state, read[3].value) == (TrialState.COMPLETE, 3.25)  # 3.0 + the mean gap from 128 to the end
+    assert read[2] is at_16 and read[4] is at_64  # pruned earlier (or elsewhere): left as they are
+    assert at_128.state == TrialState.PRUNED  # a copy was read as finished; the study is untouched
+    assert read[:2] == finished
 
 
 def test_sampler_options_and_limits():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -150,3 +152,29 @@ def test_mergekit_reads_the_zoo(zoo, tmp_path):
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, (fst[name] + nxt[name]) / 2)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "out")("fst:ab>")["input_ids"] == encode("fst:ab>")
+
+
+def test_a_worker_sends_the_examples_the_paired_pruner_compares(zoo):
+    """With `send_examples`, each stage's result carries the per-example values behind its score
+    (search/paired_pruner.py compares trials with them); the stages' examples are nested."""
+    from search.worker import Worker
+
+    folder, _ = zoo
+    objective = {"kind": "lmeval", "include_path": str(folder / "tasks"), "tasks": ["fst_search", "cnt_search"],
+                 "metric": "perplexity", "direction": "minimize", "fidelities": [8, 32]}
+    models = {m: str(folder / m) for m in ("base", "fst")}
+    recipe = ("merge_method: linear\nmodels:\n  - {model: base, parameters: {weight: 0.5}}\n"
+              "  - {model: fst, parameters: {weight: 0.5}}\n")
+    worker = Worker("w0", models, [objective], str(folder), seed=0, send_examples=True)
+    first = worker.begin(0, recipe, [(0, 8)])
+    last = worker.advance(0, [(0, 32)], last=True)
+    assert first["ok"] and last["ok"], (first.get("error"), last.get("error"))
+    for result, n in [(first, 8), (last, 32)]:
+        examples = result["examples"]
+        assert sorted(examples) == ["cnt_search", "fst_search"]
+        assert all(len(e["values"]) == n and e["aggregation"] == "perplexity" for e in examples.values())
+        rebuilt = sum(e["weight"] * math.exp(-statistics.fmean(e["values"].values())) for e in examples.values())
+        assert rebuilt == pytest.approx(result["scores"][0])
+    assert set(first["examples"]["fst_search"]["values"]) < set(last["examples"]["fst_search"]["values"])
+    quiet = Worker("w1", models, [objective], str(folder), seed=0)
+    assert quiet.begin(0, recipe, [(0, 8)])["examples"] is None  # only when the pruner needs them
