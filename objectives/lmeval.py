@@ -513,7 +513,7 @@ class LmEvalObjective(Objective):
                 out[leaf] = known[fn]
         return out
 
-    def example_values(self, fidelity: int | None = None) -> dict:
+    def example_values(self) -> dict:
         """The current candidate's per-example results behind its last `score` (the examples of its
         stages so far), per search task with the task's aggregation and share of the score."""
         items, aggregations = self._search_items(), self.example_aggregations()
