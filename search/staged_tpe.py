@@ -61,7 +61,10 @@ def read_pruned_as_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 class _EstimatedView:
-    """The study as TPE reads it: trials through `read_pruned_as_finished`, all else the study's own."""
+    """The study as TPE reads it: trials through `read_pruned_as_finished`, all else the study's own.
+
+    Optuna 5's TPE reads trials by the study's private `_get_trials`; should that change, TPE would
+    read the study unchanged, and tests/test_runspec.py's test of this sampler fails."""
 
     def __init__(self, study: optuna.Study):
         self._study = study
