@@ -405,17 +405,17 @@ def pruning_report(results: dict, budget: int, factor: int, export_at: int, comm
         none_total = res["runs"]["none"]["steps"][-1][0]
         for pruner, r in res["runs"].items():
             t, last = to_target(r["steps"], target, sign), r["steps"][-1]
-            r["pruned"] = sum(st[2] is None for st in r["steps"])
+            stopped = sum(st[2] is None for st in r["steps"])  # within the budget: no search score
             total = f"{len(r['steps'])} | {last[0]:.0f}"
             if t is None:  # not reached: at least everything it spent
-                lines.append(f"| {seed} | {pruner} | {r['pruned']} | not in {len(r['steps'])} | > {last[0]:.0f} | "
+                lines.append(f"| {seed} | {pruner} | {stopped} | not in {len(r['steps'])} | > {last[0]:.0f} | "
                              f"> {last[1]:.1f} | - | {total} |")
                 continue
             if none is not None:
                 ratio = f"{t['examples'] / none['examples']:.2f}"
             else:  # the run without a pruner did not reach it: the ratio is at most this
                 ratio = f"< {t['examples'] / none_total:.2f}"
-            lines.append(f"| {seed} | {pruner} | {r['pruned']} | {t['trials']} | {t['examples']:.0f} | "
+            lines.append(f"| {seed} | {pruner} | {stopped} | {t['trials']} | {t['examples']:.0f} | "
                          f"{t['seconds']:.1f} | {ratio} | {total} |")
 
     def ratio_at(pruner: str, level: float) -> str:

@@ -34,7 +34,7 @@ class RunSpec(BaseModel):
     # successive halving by default, as it works with any objective (paired needs lmeval's per-example
     # results); the median pruner compares only with completed trials, which TPE soon beats, so it
     # stops few (BENCHMARKS.md, "Search: pruning")
-    pruner: Literal["paired", "successive_halving", "hyperband", "median", "none"] = "successive_halving"
+    pruner: Literal[PRUNERS] = "successive_halving"
     # a name from SAMPLERS, a dotted path to a sampler class, or {name: ..., <constructor options>}
     sampler: Union[str, dict[str, Any]] = "tpe"
     trials: Optional[int] = Field(default=None, ge=1)
