@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import transformers
 
-from search.materialize import Materializer
-from search.recipe import load, loads
-from search.sources import SourceModel
+from search.engine.materialize import Materializer
+from search.engine.recipe import load, loads
+from search.engine.sources import SourceModel
 from tinyllama import TINYLLAMA
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"

@@ -54,9 +54,9 @@ from search_fns import PROBE  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
 from search import records  # noqa: E402
-from search import recipe as recipes  # noqa: E402
+from search.engine import recipe as recipes  # noqa: E402
 from search.driver import run  # noqa: E402
-from search.materialize import Materializer  # noqa: E402
+from search.engine.materialize import Materializer  # noqa: E402
 from search.runspec import load_spec  # noqa: E402
 
 SLERP_SPACE = {"kind": "slerp", "models": ["fst", "nxt"], "filters": ["self_attn"], "anchors": 2}

@@ -20,7 +20,7 @@ import importlib
 from pathlib import Path
 from typing import Any, ClassVar
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 # kind -> "module:class"; imported only when used, so a cost-only search never imports lm-eval.
 REGISTRY = {

@@ -24,7 +24,7 @@ from typing import Callable
 from objectives import Objective
 from objectives.fidelity import check_fidelities
 from objectives.spec import SpecReader
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 def load_function(reference: str, base_dir: Path, where: str) -> Callable:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 def check_fidelities(value: Any, where: str) -> list[int] | None:

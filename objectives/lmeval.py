@@ -68,7 +68,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 from objectives import Objective  # noqa: E402
 from objectives.fidelity import check_fidelities, nested_subset  # noqa: E402
 from objectives.spec import SpecReader  # noqa: E402
-from search.errors import UserError  # noqa: E402
+from search.engine.errors import UserError  # noqa: E402
 
 FEWSHOT_SEED = 1234  # lm-eval's default: the same few-shot examples for every trial
 HELDOUT_CONVENTION = ("_search", "_heldout")  # X_search is re-scored on X_heldout

@@ -26,7 +26,7 @@ import torch
 from objectives import Objective
 from objectives.fidelity import check_fidelities
 from objectives.spec import SpecReader
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 def read_documents(path: Path, field: str) -> list[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 DIRECTIONS = ("maximize", "minimize")
 

@@ -11,17 +11,17 @@ import argparse
 import importlib
 import sys
 
-from search.errors import UserError
-from search.recipe import RecipeError
+from search.engine.errors import UserError
+from search.engine.recipe import RecipeError
 
 # sub-command -> (module, one-line help); modules are imported only when used,
 # so `mergesearch merge` does not pay for Ray and `run` does not pay for the zoo.
 COMMANDS = {
-    "merge": ("search.merge_command", "build a mergekit recipe into an HF model folder"),
+    "merge": ("search.engine.merge_command", "build a mergekit recipe into an HF model folder"),
     "run": ("search.run_command", "search merge recipes as a run spec describes"),
     "export": ("search.export_command", "write trials of a finished run as mergekit YAML"),
     "zoo": ("objectives.zoo.command", "build the toy model zoo (tokenizer, base, specialists, tasks)"),
-    "demo": ("objectives.demo", "build the zoo, search merges of it, rebuild the winner with mergekit"),
+    "demo": ("search.demo", "build the zoo, search merges of it, rebuild the winner with mergekit"),
 }
 
 

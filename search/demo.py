@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 DEFAULT_SPEC = Path("runs/demo.yaml")
 
@@ -55,7 +55,7 @@ def default_recipes(models: dict[str, str]) -> dict[str, dict]:
 
 def rebuild_with_mergekit(recipe_file: Path, out: Path) -> Path:
     """Rebuild an exported recipe with mergekit itself: mergekit-yaml, or mergekit-multi for stages."""
-    from search import recipe as recipes
+    from search.engine import recipe as recipes
 
     multi = len(recipes.load(recipe_file)) > 1
     exe = Path(sys.executable).with_name("mergekit-multi" if multi else "mergekit-yaml")
@@ -103,9 +103,9 @@ def main(args: argparse.Namespace) -> int:
     from objectives.lmeval import LmEvalObjective, TaskEntry
     from objectives.zoo.build import SKILLS, build_zoo, no_hf_progress_bars
     from objectives.zoo.tasks import task_name
-    from search import recipe as recipes
+    from search.engine import recipe as recipes
     from search.driver import run
-    from search.materialize import Materializer
+    from search.engine.materialize import Materializer
     from search.runspec import load_spec
 
     started = time.time()

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from search import recipe as recipes
+from search.engine import recipe as recipes
 from search import records
-from search.errors import UserError
+from search.engine.errors import UserError
 
 # Fields of mergekit configs that name a model (tokenizer_source may also be "base" or "union").
 _MODEL_FIELDS = ("model", "base_model", "source_model", "tokenizer_source", "source")

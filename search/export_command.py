@@ -14,7 +14,7 @@ import types
 from pathlib import Path
 
 from search import export
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

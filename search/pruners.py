@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import optuna
 
-from search.errors import UserError
+from search.engine.errors import UserError
 from search.paired_pruner import PairedPruner
 
 

@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from search import recipe as recipes
-from search.errors import UserError
+from search.engine import recipe as recipes
+from search.engine.errors import UserError
 
 PRUNERS = ("paired", "successive_halving", "hyperband", "median", "none")
 SAMPLERS = ("tpe", "cmaes", "gp", "nsga2", "random", "qmc")

@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from search.errors import UserError
+from search.engine.errors import UserError
 from search.staged_tpe import StagedTPESampler
 
 SINGLE_OBJECTIVE_ONLY = ("cmaes",)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import optuna
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
 _QUERY_SECRET = re.compile(r"(?i)((?:password|passwd|pwd|secret|token|key)=)[^&;\s]*")

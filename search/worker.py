@@ -52,7 +52,7 @@ class Worker:
         import torch
 
         from objectives import build_objectives
-        from search.materialize import Materializer
+        from search.engine.materialize import Materializer
 
         if threads:
             torch.set_num_threads(threads)
@@ -104,7 +104,7 @@ class Worker:
 
     def begin(self, trial: int, recipe_yaml: str, jobs: StageJobs) -> dict[str, Any]:
         """Build the candidate of `trial` and score its first stage."""
-        from search import recipe as recipes
+        from search.engine import recipe as recipes
 
         t0 = time.perf_counter()
         self._drop()
@@ -144,7 +144,7 @@ class Worker:
         """Score a finished trial again on the held-out split of each objective."""
         import torch
 
-        from search import recipe as recipes
+        from search.engine import recipe as recipes
 
         t0 = time.perf_counter()
         self._drop()

@@ -11,7 +11,7 @@ a candidate that breaks one raises optuna.TrialPruned before anything is built.
 
 from __future__ import annotations
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 from .base import Space
 from .compose import ComposeSpace

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 from optuna import TrialPruned
 
-from search.errors import UserError
-from search.recipe import Recipe, as_stages, to_dict
+from search.engine.errors import UserError
+from search.engine.recipe import Recipe, as_stages, to_dict
 
 from .constraints import Constraints
 from .model_info import ModelInfo

@@ -23,8 +23,8 @@ stages know its depth. Params are the stages' params under `<stage name>.`, e.g.
 
 from __future__ import annotations
 
-from search.errors import UserError
-from search.recipe import as_stages
+from search.engine.errors import UserError
+from search.engine.recipe import as_stages
 
 from .base import PrefixedTrial, Space
 from .model_info import ModelInfo

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from optuna import TrialPruned
 
-from search.errors import UserError
-from search.recipe import MoERecipe, Recipe, as_stages
+from search.engine.errors import UserError
+from search.engine.recipe import MoERecipe, Recipe, as_stages
 
 from .model_info import ModelInfo
 

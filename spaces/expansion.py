@@ -22,7 +22,7 @@ Params: `placement`, `count` or `every`, `after.<j>`, `copy.<j>`, `scale`.
 
 from __future__ import annotations
 
-from search.recipe import Conditional, InputSlice, MergeRecipe, OutputSlice
+from search.engine.recipe import Conditional, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, single
 from .spec import IntKnob, NotInSpace, SpecReader

@@ -27,7 +27,7 @@ With models of different depths, start and length are asked per model
 
 from __future__ import annotations
 
-from search.recipe import InputSlice, MergeRecipe, OutputSlice
+from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
 from .spec import ChoiceKnob, IntKnob, NotInSpace, SpecReader

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 # model_type -> the class transformers builds, for configs without `architectures`.
 _ARCHITECTURES = {

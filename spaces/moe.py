@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from optuna import TrialPruned
 
-from search.recipe import Expert, MoERecipe
+from search.engine.recipe import Expert, MoERecipe
 
 from .base import MERGE_DTYPES, Space, listed, single
 from .spec import ChoiceKnob, FloatKnob, NotInSpace, SpecReader

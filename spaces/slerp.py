@@ -19,7 +19,7 @@ k = the number of layers each layer gets its own t. Params: `t.<filter>.<j>`,
 
 from __future__ import annotations
 
-from search.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
+from search.engine.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
 from .spec import NotInSpace, SpecReader

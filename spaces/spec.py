@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 from .model_info import ModelInfo
 

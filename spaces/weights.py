@@ -22,7 +22,7 @@ as mergekit itself expands a `models:` recipe. Params: `method`, `weight.<model>
 
 from __future__ import annotations
 
-from search.recipe import InputModel, InputSlice, MergeRecipe, OutputSlice
+from search.engine.recipe import InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
 from .spec import NotInSpace, SpecReader

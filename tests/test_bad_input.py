@@ -182,7 +182,7 @@ def test_cuda_without_gpu(models: dict[str, Path], tmp_path: Path):
 def test_failure_while_writing_leaves_nothing(tmp_path: Path, interruption: BaseException):
     """A failure after the temporary folder exists (mid-merge, Ctrl-C) removes it and the parents it made,
     and leaves an existing OUT_DIR as it was."""
-    from search.output import atomic_folder
+    from search.engine.output import atomic_folder
 
     with pytest.raises(type(interruption)):
         with atomic_folder(tmp_path / "new" / "deeper" / "out") as tmp:

@@ -11,9 +11,9 @@ import transformers
 from safetensors.torch import load_file
 from standins import make_standin
 
-from search.errors import UserError
-from search.materialize import Materializer
-from search.recipe import loads
+from search.engine.errors import UserError
+from search.engine.materialize import Materializer
+from search.engine.recipe import loads
 
 
 @pytest.fixture(scope="module")

@@ -327,8 +327,8 @@ def test_verbose_reports_progress_on_stderr(zoo: StandinZoo, tmp_path: Path):
 
 
 def test_mapped_shards_hold_what_write_tensors_writes(tmp_path: Path):
-    """The two ways search/output.py writes tensors give the same files' contents, sharded alike."""
-    from search.output import MappedShards, write_tensors
+    """The two ways search/engine/output.py writes tensors give the same files' contents, sharded alike."""
+    from search.engine.output import MappedShards, write_tensors
 
     gen = torch.Generator().manual_seed(0)
     tensors = {

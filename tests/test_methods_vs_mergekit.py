@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import STANDINS, assert_same_tensors
 
-from search.materialize import Materializer
-from search.recipe import loads
+from search.engine.materialize import Materializer
+from search.engine.recipe import loads
 
 # (id, recipe, random seed)
 RECIPES = [
@@ -353,9 +353,9 @@ def test_fused_pass_is_bit_exact(dtype, compiled, monkeypatch):
     monkeypatch.setenv("MERGESEARCH_COMPILE", "1" if compiled else "0")
     from mergekit.merge_methods.slerp import slerp as mergekit_slerp
 
-    from search.methods import Context, Inputs, StatCache
-    from search.methods import slerp as ours
-    from search.methods.fused import FUSE_MIN_NUMEL, use_fused
+    from search.engine.methods import Context, Inputs, StatCache
+    from search.engine.methods import slerp as ours
+    from search.engine.methods.fused import FUSE_MIN_NUMEL, use_fused
 
     g = torch.Generator().manual_seed(0)
     a = (torch.randn(2048, 1100, generator=g) * 0.02).to(dtype)
@@ -376,8 +376,8 @@ def test_linear_over_many_pieces_matches_mergekit():
     """Tensors larger than one cache-sized piece: the piecewise pass equals mergekit's whole-tensor one."""
     from mergekit.merge_methods.api import merge_tensors
 
-    from search.methods import Context, Inputs, StatCache
-    from search.methods import linear as ours
+    from search.engine.methods import Context, Inputs, StatCache
+    from search.engine.methods import linear as ours
 
     g = torch.Generator().manual_seed(1)
     xs = [(torch.randn(1000, 700, generator=g) * 0.02).to(torch.bfloat16) for _ in range(3)]

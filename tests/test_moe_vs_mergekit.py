@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from standins import make_finetune, make_standin, make_tokenizer  # noqa: E402
 
-from search import recipe as recipes  # noqa: E402
-from search.errors import UserError  # noqa: E402
-from search.moe import build_moe  # noqa: E402
-from search.sources import load_source  # noqa: E402
+from search.engine import recipe as recipes  # noqa: E402
+from search.engine.errors import UserError  # noqa: E402
+from search.engine.moe import build_moe  # noqa: E402
+from search.engine.sources import load_source  # noqa: E402
 
 SEEDS = Path(__file__).resolve().parents[1].parent / "shared" / "seeds"  # beside the repository
 SWALLOW = SEEDS / "swallow-moe-4x7b.yml"

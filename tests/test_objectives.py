@@ -28,7 +28,7 @@ import yaml
 from objectives import build_objectives
 from objectives.fidelity import check_fidelities, nested_subset
 from objectives.zoo.tokenizer import VOCAB
-from search.errors import UserError
+from search.engine.errors import UserError
 from search.paired_pruner import PairedPruner
 from standins import make_standin
 from tiny_models import constant_llama

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from search.errors import UserError
+from search.engine.errors import UserError
 from search.pruners import build_pruner
 from search.runspec import load_spec
 from search.samplers import build_sampler

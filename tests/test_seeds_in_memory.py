@@ -21,8 +21,8 @@ import torch
 import transformers
 from conftest import SEEDS, assert_same_tensors, tensor_bits
 
-from search.materialize import Materializer
-from search.recipe import load, loads
+from search.engine.materialize import Materializer
+from search.engine.recipe import load, loads
 
 SEED_FILES = sorted(p for p in SEEDS.glob("*.yml") if "moe" not in p.name)
 

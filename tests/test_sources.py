@@ -7,9 +7,9 @@ import torch
 import transformers
 from conftest import tensor_bits
 
-from search.materialize import Materializer
-from search.recipe import loads
-from search.sources import load_source, read_tensor_infos
+from search.engine.materialize import Materializer
+from search.engine.recipe import loads
+from search.engine.sources import load_source, read_tensor_infos
 
 
 def test_sharded_checkpoint_reads_like_a_single_file(standin_zoo, tmp_path):
@@ -41,7 +41,7 @@ def test_sources_load_once(standin_zoo):
 def test_convert_into_gives_the_bits_of_to(source, target):
     """The conversion a recipe's `dtype:` runs gives torch's own bits: rounding, overflow to inf,
     subnormals, -0 and NaN, over more than one piece."""
-    from search.sources import CONVERT_PIECE, convert_into
+    from search.engine.sources import CONVERT_PIECE, convert_into
 
     n = 2 * CONVERT_PIECE + 3
     x = (torch.randn(n, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, n)).to(source)

@@ -18,8 +18,8 @@ import torch
 import transformers
 from optuna.trial import FixedTrial, TrialState
 
-from search.errors import UserError
-from search.recipe import MoERecipe, as_stages, dump_stages, load, loads, to_dict
+from search.engine.errors import UserError
+from search.engine.recipe import MoERecipe, as_stages, dump_stages, load, loads, to_dict
 from spaces import SPACES, ModelInfo, build_space, read_model_infos
 from spaces.constraints import output_layers, output_params, parse_count
 from standins import standin_config

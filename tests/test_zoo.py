@@ -22,7 +22,7 @@ from objectives.zoo import skills
 from objectives.zoo.build import MANIFEST, SKILLS, SPLIT_SIZES, build_zoo
 from objectives.zoo.tokenizer import BOS, EOS, encode
 from search.cli import main as cli_main
-from search.errors import UserError
+from search.engine.errors import UserError
 
 SCALE = 0.01  # 20 base steps, 1 step per specialist: complete and deterministic, not trained
 

@@ -28,7 +28,7 @@ from objectives.zoo import skills as zoo_skills
 from objectives.zoo.tasks import SPLITS, refresh_task_folder, task_name, write_task_folder
 from objectives.zoo.tokenizer import make_tokenizer
 from objectives.zoo.train import init_model, train
-from search.errors import UserError
+from search.engine.errors import UserError
 
 FORMAT = 1  # bump when the recipe below changes, so old caches are rebuilt
 MANIFEST = "zoo.json"

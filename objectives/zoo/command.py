@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from objectives.zoo.build import build_zoo, format_matrix
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 
 @dataclass(frozen=True)

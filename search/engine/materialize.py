@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from search.errors import UserError
-from search.methods import Context, Inputs, StatCache
-from search.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
-from search.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
-from search.sources import CONVERT_PIECE, SourceModel, TensorInfo, convert_into, load_source, read_config, read_tensor_infos
+from search.engine.errors import UserError
+from search.engine.methods import Context, Inputs, StatCache
+from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
+from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
+from search.engine.sources import CONVERT_PIECE, SourceModel, TensorInfo, convert_into, load_source, read_config, read_tensor_infos
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers
@@ -184,7 +184,7 @@ class Materializer:
 
         out: optional buffers, by output name, of the final stage's shapes and dtypes
         (`plan(recipe)[-1].output.tensors`), e.g. views of memory-mapped safetensors
-        files (search/output.py's MappedShards): each result is computed into, or
+        files (search/engine/output.py's MappedShards): each result is computed into, or
         copied into, its buffer. `mergesearch merge` uses it to skip a copy of the
         whole model."""
         plans = self.plan(recipe)
@@ -235,7 +235,7 @@ class Materializer:
         for k, plan in enumerate(plans):
             last = k == len(plans) - 1
             if isinstance(plan, MoERecipe):
-                from search.moe import build_moe  # the MoE helper's module; only MoE recipes need it
+                from search.engine.moe import build_moe  # the MoE helper's module; only MoE recipes need it
 
                 config, tensors = build_moe(plan, lambda n: earlier[n] if n in earlier else self.source(n), seed, self.device)
                 continue

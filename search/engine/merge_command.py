@@ -24,9 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from search import output, recipe
-from search.errors import UserError
-from search.recipe import MoERecipe, Recipe
+from search.engine import output, recipe
+from search.engine.errors import UserError
+from search.engine.recipe import MoERecipe, Recipe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +138,7 @@ def _merge(args: argparse.Namespace) -> int:
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
-    from search.materialize import Materializer, resolve_model_path
+    from search.engine.materialize import Materializer, resolve_model_path
 
     models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
     device = _check_device(args.device)
@@ -157,7 +157,7 @@ def _merge(args: argparse.Namespace) -> int:
     else:
         tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
 
-    from search.model_card import model_card
+    from search.engine.model_card import model_card
 
     file_name = recipe_file_name(stages)
     files = {
@@ -198,7 +198,7 @@ def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
 
 def _output_specs(plan) -> dict | None:
     """{name: (shape, dtype)} of a merge stage's output, in mergekit's order; None for a MoE stage."""
-    from search.plan import StagePlan
+    from search.engine.plan import StagePlan
 
     if not isinstance(plan, StagePlan):
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from search.recipe import MergeRecipe, MoERecipe, Recipe
+from search.engine.recipe import MergeRecipe, MoERecipe, Recipe
 
 MERGESEARCH_URL = "https://github.com/mergesearch/mergesearch"
 

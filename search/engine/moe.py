@@ -10,7 +10,7 @@ which is transformers 5's in-memory layout of Mixtral):
   `model.layers.i.mlp.experts.down_proj`     [E, H, I]  = expert e's down_proj;
   an expert's `noise_scale` adds N(0, noise_scale) to its three tensors, `residual_scale`
   scales its down_proj;
-- `model.layers.i.mlp.gate.weight` [E, H], the router, from search/moe_gates.py.
+- `model.layers.i.mlp.gate.weight` [E, H], the router, from search/engine/moe_gates.py.
 
 Random draws (random gates first, then each expert's noise, layer by layer, expert by expert,
 gate_proj / down_proj / up_proj) come from one CPU generator seeded with `seed`, in the order
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 import transformers
 
-from search.errors import UserError
-from search.moe_gates import gate_vectors, hf_config
+from search.engine.errors import UserError
+from search.engine.moe_gates import gate_vectors, hf_config
 
 if TYPE_CHECKING:
-    from search.recipe import Expert, MoERecipe
-    from search.sources import SourceModel
+    from search.engine.recipe import Expert, MoERecipe
+    from search.engine.sources import SourceModel
 
 # Mixtral's attention and norms are Mistral's, which are Llama's: only these bases fit.
 MIXTRAL_SOURCE_TYPES = ("llama", "mistral")

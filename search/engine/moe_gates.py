@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING
 import torch
 import transformers
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 if TYPE_CHECKING:
-    from search.recipe import Expert
-    from search.sources import SourceModel
+    from search.engine.recipe import Expert
+    from search.engine.sources import SourceModel
 
 def random_gates(num_layers: int, num_experts: int, hidden: int, generator: torch.Generator | None) -> torch.Tensor:
     return torch.randn((num_layers, num_experts, hidden), generator=generator)

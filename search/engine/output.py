@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported by whoever made the tensors; checking a path needs none
     import torch
@@ -238,7 +238,7 @@ class _Layout:
     def __init__(self, specs: dict, max_shard_size: int):
         import torch
 
-        from search.sources import SAFETENSORS_DTYPES
+        from search.engine.sources import SAFETENSORS_DTYPES
 
         header_name = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
         self.specs = specs

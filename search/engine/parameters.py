@@ -21,8 +21,8 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 
 from pydantic import TypeAdapter, ValidationError
 
-from search.errors import UserError
-from search.recipe import Conditional
+from search.engine.errors import UserError
+from search.engine.recipe import Conditional
 
 Scope = Literal["shared", "input", "non_base"]
 REQUIRED = object()

@@ -22,12 +22,12 @@ from typing import Any, Callable
 
 import torch
 
-from search.architectures import Architecture, WeightSpec, architecture_of, output_config
-from search.errors import UserError
-from search.methods import Method, get_method
-from search.parameters import anchor_values, layer_position, resolve
-from search.recipe import InputSlice, MergeRecipe, OutputSlice
-from search.sources import TensorInfo
+from search.engine.architectures import Architecture, WeightSpec, architecture_of, output_config
+from search.engine.errors import UserError
+from search.engine.methods import Method, get_method
+from search.engine.parameters import anchor_values, layer_position, resolve
+from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
+from search.engine.sources import TensorInfo
 
 DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -171,72 +171,22 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     check_parameters(recipe, method)
     dtype = parse_dtype(recipe.dtype, "dtype")
     out_dtype = parse_dtype(recipe.out_dtype, "out_dtype")
-
     referenced = recipe.referenced_models()
     infos = {n: info(n) for n in referenced}
     first = infos[referenced[0]]
-    for n, i in infos.items():
-        if i.arch is not first.arch:
-            raise UserError(
-                f"{where}: {n} is {i.config['architectures'][0]} but {first.name} is "
-                f"{first.config['architectures'][0]}; merge models of one architecture"
-            )
-    arch = first.arch
-
+    arch = _one_architecture(infos, first, where)
     slices = _as_slices(recipe, info)
     for i, s in enumerate(slices):
         _check_slice(i, s, s.base_model or recipe.base_model, method, info, "slices" if recipe.slices else "models")
 
-    jobs: list[Job] = []
+    planned: list[Job | None] = []
 
-    def plan_tensor(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
-        base = s.base_model or recipe.base_model
-        if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
-            return  # absent everywhere (a tied head): mergekit writes nothing
-        shared_levels = (s.parameters, recipe.parameters)
-        shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
-        read_models, read_names, per_input = [], [], []
-        for m, w in zip(models, ins):
-            present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
-            if not present:
-                if out.optional:
-                    continue
-                raise UserError(f"{where}: model {m} has no tensor {w.name}; it does not fit a {arch.name} merge")
-            levels = [src.parameters for src in s.sources if src.model == m] + [s.parameters, recipe.parameters]
-            per_input.append(
-                {
-                    p.name: resolve(p, levels, w.name, t, model=m)
-                    for p in method.params
-                    if p.scope == "input" or (p.scope == "non_base" and m != base)
-                }
-            )
-            read_models.append(m)
-            read_names.append(present[0])
-        shapes = {infos[m].tensors[n].shape for m, n in zip(read_models, read_names)}
-        if len(shapes) > 1:
-            detail = ", ".join(f"{m}: {list(infos[m].tensors[n].shape)}" for m, n in zip(read_models, read_names))
-            raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; merge models of the same size")
-        base_index = read_models.index(base) if (method.base != "ignored" and base in read_models) else None
-        single = out.optional and len(read_models) == 1 and len(models) > 1 and method.passthrough_singleton
-        if method.base == "required" and base_index is None and not single:
-            raise UserError(f"{where}: {out.name} is missing from base model {base}; pick a base model that has it")
-        jobs.append(
-            Job(
-                name=out.name,
-                models=read_models,
-                tensors=read_names,
-                base_index=base_index,
-                shared=shared,
-                per_input=per_input,
-                shape=shapes.pop(),
-                label=max(read_names),
-                take_only_input=single,
-            )
-        )
+    def plan(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
+        planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t))
 
     first_slice, last_slice = slices[0], slices[-1]
     for w in arch.pre:
-        plan_tensor(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
+        plan(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
     out_layer = 0
     for s in slices:
         depth = s.num_layers
@@ -245,17 +195,17 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
             outs = arch.layer_weights(out_layer)
             ins = [arch.layer_weights(src.layer_range[0] + offset) for src in s.sources]
             for k, w in enumerate(outs):
-                plan_tensor(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
+                plan(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
             out_layer += 1
     for w in arch.post:
         # mergekit pairs the last slice's models with as many inputs as the first slice has.
         models = [src.model for src in last_slice.sources][: len(first_slice.sources)]
-        plan_tensor(w, [w] * len(models), models, last_slice, 0.0)
+        plan(w, [w] * len(models), models, last_slice, 0.0)
+    jobs = [j for j in planned if j is not None]
 
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
     config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
-
     out_tensors = {}
     for j in jobs:
         in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
@@ -263,6 +213,73 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
         out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
     output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
+
+
+def _one_architecture(infos: dict[str, ModelInfo], first: ModelInfo, where: str) -> Architecture:
+    for n, i in infos.items():
+        if i.arch is not first.arch:
+            raise UserError(
+                f"{where}: {n} is {i.config['architectures'][0]} but {first.name} is "
+                f"{first.config['architectures'][0]}; merge models of one architecture"
+            )
+    return first.arch
+
+
+def _plan_tensor(
+    recipe: MergeRecipe,
+    method: Method,
+    infos: dict[str, ModelInfo],
+    arch_name: str,
+    where: str,
+    out: WeightSpec,
+    ins: list[WeightSpec],
+    models: list[str],
+    s: OutputSlice,
+    t: float,
+) -> Job | None:
+    """One output tensor: which source tensors it reads and the method's parameters at position t.
+    None for an optional tensor absent everywhere (a tied head), which mergekit does not write."""
+    base = s.base_model or recipe.base_model
+    if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
+        return None
+    shared_levels = (s.parameters, recipe.parameters)
+    shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
+    read_models, read_names, per_input = [], [], []
+    for m, w in zip(models, ins):
+        present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
+        if not present:
+            if out.optional:
+                continue
+            raise UserError(f"{where}: model {m} has no tensor {w.name}; it does not fit a {arch_name} merge")
+        levels = [src.parameters for src in s.sources if src.model == m] + [s.parameters, recipe.parameters]
+        per_input.append(
+            {
+                p.name: resolve(p, levels, w.name, t, model=m)
+                for p in method.params
+                if p.scope == "input" or (p.scope == "non_base" and m != base)
+            }
+        )
+        read_models.append(m)
+        read_names.append(present[0])
+    shapes = {infos[m].tensors[n].shape for m, n in zip(read_models, read_names)}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{m}: {list(infos[m].tensors[n].shape)}" for m, n in zip(read_models, read_names))
+        raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; merge models of the same size")
+    base_index = read_models.index(base) if (method.base != "ignored" and base in read_models) else None
+    single = out.optional and len(read_models) == 1 and len(models) > 1 and method.passthrough_singleton
+    if method.base == "required" and base_index is None and not single:
+        raise UserError(f"{where}: {out.name} is missing from base model {base}; pick a base model that has it")
+    return Job(
+        name=out.name,
+        models=read_models,
+        tensors=read_names,
+        base_index=base_index,
+        shared=shared,
+        per_input=per_input,
+        shape=shapes.pop(),
+        label=max(read_names),
+        take_only_input=single,
+    )
 
 
 def promoted_dtype(dtypes: list[torch.dtype]) -> torch.dtype:

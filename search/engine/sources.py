@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from search.errors import UserError
+from search.engine.errors import UserError
 
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
@@ -67,7 +67,7 @@ class TensorInfo:
     dtype: torch.dtype
 
 
-# safetensors header dtype names -> torch dtypes (search/output.py writes headers with the inverse)
+# safetensors header dtype names -> torch dtypes (search/engine/output.py writes headers with the inverse)
 SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F16": torch.float16,

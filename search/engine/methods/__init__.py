@@ -7,10 +7,10 @@ mergekit knows runs through mergekit's in-memory API when mergekit is installed.
 
 from __future__ import annotations
 
-from search.errors import UserError
-from search.methods import dare, linear, passthrough, slerp, task_arithmetic, ties
-from search.methods.base import Context, Inputs, Method, StatCache
-from search.methods.delegated import delegated_method, mergekit_method_names
+from search.engine.errors import UserError
+from search.engine.methods import dare, linear, passthrough, slerp, task_arithmetic, ties
+from search.engine.methods.base import Context, Inputs, Method, StatCache
+from search.engine.methods.delegated import delegated_method, mergekit_method_names
 
 BUILT_IN: dict[str, Method] = {
     m.name: m

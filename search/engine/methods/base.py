@@ -21,7 +21,7 @@ from typing import Any, Callable, Hashable, Literal
 
 import torch
 
-from search.parameters import ParamSpec
+from search.engine.parameters import ParamSpec
 
 BasePolicy = Literal["required", "optional", "ignored"]
 

@@ -6,9 +6,9 @@ import typing
 
 import torch
 
-from search.errors import UserError
-from search.methods.base import Context, Inputs, Method
-from search.parameters import REQUIRED, ParamSpec
+from search.engine.errors import UserError
+from search.engine.methods.base import Context, Inputs, Method
+from search.engine.parameters import REQUIRED, ParamSpec
 
 
 def mergekit_method_names() -> list[str] | None:

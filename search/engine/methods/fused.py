@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from search.methods.base import Context, piece_size, pieces
+from search.engine.methods.base import Context, piece_size, pieces
 
 FUSE_MIN_NUMEL = 1 << 20
 LOG = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from search.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size, pieces
-from search.parameters import ParamSpec
+from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size, pieces
+from search.engine.parameters import ParamSpec
 
 
 def selected_input(inputs: Inputs, weights: list[float], normalize: bool, ctx: Context) -> int | None:

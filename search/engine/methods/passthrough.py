@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from search.methods.base import Context, Inputs, Method
-from search.parameters import ParamSpec
+from search.engine.methods.base import Context, Inputs, Method
+from search.engine.parameters import ParamSpec
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:

@@ -7,16 +7,16 @@ or (1-t) a + t b when |cos(theta)| > 0.9995 (nearly colinear).
 
 |a|, |b| and the dot product depend on the pair only, not on t: they are computed
 once per pair (in mergekit's chunks, so they agree to the bit) and kept in the
-cache; each candidate then costs one fused elementwise pass (search/methods/fused.py).
+cache; each candidate then costs one fused elementwise pass (search/engine/methods/fused.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from search.methods.base import Context, Inputs, Method, copy_safe, finite, pieces
-from search.methods.fused import weighted_sum
-from search.parameters import ParamSpec
+from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, pieces
+from search.engine.methods.fused import weighted_sum
+from search.engine.parameters import ParamSpec
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8

@@ -16,8 +16,8 @@ from typing import Callable
 
 import torch
 
-from search.methods.base import Context, Inputs, Method
-from search.parameters import ParamSpec
+from search.engine.methods.base import Context, Inputs, Method
+from search.engine.parameters import ParamSpec
 
 # sparsify(delta, density, rescale, ctx, cache_key) -> delta
 Sparsifier = Callable[[torch.Tensor, float, bool, Context, object], torch.Tensor]

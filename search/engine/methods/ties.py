@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from search.methods.base import Context, Inputs, Method
-from search.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
+from search.engine.methods.base import Context, Inputs, Method
+from search.engine.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool, ctx: Context, key) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Held-out re-scoring: the top trials by search score, scored again on the split the search never saw.
+
+A small search split ranks close candidates with noise, so the run's winner is the
+best on held-out among the top `heldout_top_k` by search score. The scores are kept
+on the study (a user attribute), so a resumed run does not score a trial twice.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import records
+from search.worker_pool import Slot, WorkerPool, death_reason
+
+MAX_ATTEMPTS = 2  # a re-score whose worker dies is tried once more
+
+
+def heldout_candidates(study: optuna.Study, top_k: int, has_heldout: bool, directions: list[str]) -> list:
+    """The trials to re-score: the top k by search score (the Pareto front's first k with several objectives)."""
+    if top_k == 0 or not has_heldout:
+        return []
+    if len(directions) > 1:
+        pool = sorted(study.best_trials, key=lambda t: t.number)
+    else:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        sign = -1 if directions[0] == "maximize" else 1
+        pool = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
+    return pool[:top_k]
+
+
+def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objectives: int, say) -> None:
+    """Score `candidates` on the held-out split over the pool's free workers; `say` reports a failure."""
+    import ray
+
+    done: dict[str, Any] = dict(study.user_attrs.get(records.HELDOUT_ATTR, {}))
+    todo = collections.deque(t for t in candidates if str(t.number) not in done)
+    free = collections.deque(pool.live())
+    in_flight: dict[Any, tuple[Slot, optuna.trial.FrozenTrial]] = {}
+    indices = list(range(n_objectives))
+    attempts: dict[int, int] = collections.Counter()
+    while todo or in_flight:
+        while todo and free:
+            slot, t = free.popleft(), todo.popleft()
+            attempts[t.number] += 1
+            recipe_yaml = t.user_attrs[records.RECORD_ATTR]["recipe"]
+            in_flight[slot.handle.heldout.remote(t.number, recipe_yaml, indices)] = (slot, t)
+        if not in_flight:
+            break
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        slot, t = in_flight.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except ray.exceptions.RayActorError as e:
+            pool.replace(slot)
+            if attempts[t.number] < MAX_ATTEMPTS:
+                todo.append(t)
+            else:
+                say(f"held-out score of trial {t.number} failed: {death_reason(e)}")
+        else:
+            slot.busy_s += result["busy_s"]
+            if result["ok"]:
+                done[str(t.number)] = result["scores"]
+                study.set_user_attr(records.HELDOUT_ATTR, done)
+            else:
+                say(f"held-out score of trial {t.number} failed: {result['error']}")
+        if not slot.retired:
+            free.append(slot)

@@ -1,0 +1,176 @@
+"""A run's set-up: everything checked before the run folder, the study or Ray exist, then the study.
+
+`prepare_run` builds the space, the objectives (on the driver, to check them), the
+stage plan, the pruner and the sampler, reads the enqueued recipes and finds the
+storage; any bad input is a UserError here, so nothing is left behind.
+`open_study` creates the study (or loads it for --resume, checking the spec did
+not change) and writes run.json.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import records
+from search.engine import recipe as recipes
+from search.engine.errors import UserError
+from search.paired_pruner import PairedPruner
+from search.pruners import build_pruner
+from search.runspec import RunSpec
+from search.samplers import build_sampler
+from search.stages import Stage, plan_stages
+from search.storage import default_url, has_study, mask, open_storage
+
+
+@dataclass
+class RunSetup:
+    spec: RunSpec
+    space: Any
+    objective_names: list[str]
+    directions: list[str]
+    multi: bool  # several objectives: a Pareto front, no pruning
+    has_heldout: bool
+    stages: list[Stage]
+    pruner: optuna.pruners.BasePruner
+    send_examples: bool  # the paired pruner needs each stage's per-example results
+    sampler: optuna.samplers.BaseSampler
+    enqueued_params: list[dict]
+    storage_url: str
+    storage_shown: str  # masked: the only form that is printed or written
+    storage: Any  # None until the run folder may be created
+
+
+def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
+    from objectives import build_objectives
+    from spaces import build_space
+    from spaces.model_info import read_model_infos
+
+    run_dir = spec.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: a file is in the way of the run folder; move it or choose another `name:`")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what matters
+    space = build_space(spec.space, read_model_infos(spec.models))
+    objectives = build_objectives(spec.objectives, spec.base_dir)
+    fidelities = [list(o.fidelities) if o.fidelities else None for o in objectives]
+    multi = len(objectives) > 1
+    prune = not multi and spec.pruner != "none"
+    pruner = build_pruner(spec.pruner if prune else "none", fidelities[0] if prune else None)
+    send_examples = isinstance(pruner, PairedPruner)
+    if send_examples:
+        if not hasattr(objectives[0], "example_aggregations"):
+            raise UserError(f"pruner: paired compares trials example by example, which only the lmeval "
+                            f"objective reports ({objectives[0].name} is {objectives[0].kind}); use "
+                            "successive_halving")
+        objectives[0].example_aggregations()  # a metric it cannot compare fails here, before any trial
+    sampler = build_sampler(spec.sampler_name, spec.seed, len(objectives), spec.sampler_options)
+    enqueued_params = []
+    for path in spec.enqueue:
+        stages = recipes.load(path)
+        try:
+            enqueued_params.append(space.params(stages if len(stages) > 1 else stages[0]))
+        except UserError as e:
+            raise UserError(f"enqueue: {path} is not a point of this space: {e}") from None
+    storage_url = spec.storage or default_url(run_dir)
+    setup = RunSetup(
+        spec=spec,
+        space=space,
+        objective_names=[o.name for o in objectives],
+        directions=[o.direction for o in objectives],
+        multi=multi,
+        # objectives without a held-out split would only repeat the search score: nothing to re-score then
+        has_heldout=any(getattr(o, "has_heldout", True) for o in objectives),
+        stages=plan_stages(fidelities, prune),
+        pruner=pruner,
+        send_examples=send_examples,
+        sampler=sampler,
+        enqueued_params=enqueued_params,
+        storage_url=storage_url,
+        storage_shown=mask(storage_url),
+        # no study yet: the database is created once the run folder may be
+        storage=None if spec.storage is None and not (run_dir / "study.db").exists() else open_storage(storage_url),
+    )
+    exists = setup.storage is not None and has_study(setup.storage, spec.name)
+    if exists and not resume:
+        raise UserError(
+            f"{run_dir}: a study named {spec.name!r} already exists in {setup.storage_shown}; "
+            "pass --resume to continue it, or choose another `name:`"
+        )
+    if resume and not exists:
+        raise UserError(
+            f"--resume: no study named {spec.name!r} in {setup.storage_shown}; run without --resume to start one"
+        )
+    return setup
+
+
+def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
+    spec = setup.spec
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    if setup.storage is None:
+        setup.storage = open_storage(setup.storage_url)
+    if resume:
+        study = optuna.load_study(
+            study_name=spec.name, storage=setup.storage, sampler=setup.sampler, pruner=setup.pruner
+        )
+        identity = jsonable(spec.identity())
+        before = study.user_attrs.get("identity")
+        if before is not None and before != identity:
+            changed = [k for k in identity if before.get(k) != identity[k]]
+            raise UserError(
+                f"--resume: the spec's {', '.join(changed)} changed since the study started; "
+                "restore them or start a new run under another `name:`"
+            )
+        if list(study.directions) != [_direction(d) for d in setup.directions]:
+            raise UserError("--resume: the objectives' directions changed since the study started; restore them")
+        recover_interrupted(study)
+    else:
+        study = optuna.create_study(
+            study_name=spec.name,
+            storage=setup.storage,
+            sampler=setup.sampler,
+            pruner=setup.pruner,
+            directions=setup.directions,
+        )
+        study.set_user_attr("identity", jsonable(spec.identity()))
+        study.set_user_attr("objectives", setup.objective_names)
+        for params in setup.enqueued_params:
+            study.enqueue_trial(params, user_attrs={"enqueued": True})
+    meta = {
+        "name": spec.name,
+        "spec": str(spec.spec_path) if spec.spec_path else None,
+        "storage": setup.storage_shown,
+        "objectives": setup.objective_names,
+        "directions": setup.directions,
+        "seed": spec.seed,
+        "model_paths": spec.models,
+        "stages": [s.step for s in setup.stages],
+    }
+    records.write_atomic(spec.run_dir / "run.json", to_json(meta))
+    return study
+
+
+def recover_interrupted(study: optuna.Study) -> None:
+    """Trials a killed driver left RUNNING: mark them FAIL ("interrupted") and enqueue their params again."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, records.REASON_ATTR, records.INTERRUPTED)
+        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+        # an enqueued trial caught before its space asked for anything has its params only as fixed_params;
+        # one not sampled at all has none, and its re-run is a fresh sample
+        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+        study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+
+
+def _direction(d: str) -> optuna.study.StudyDirection:
+    return optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+
+
+def jsonable(x: Any) -> Any:
+    return json.loads(json.dumps(x, default=str))
+
+
+def to_json(x: Any) -> str:
+    return json.dumps(x, indent=2, default=str) + "\n"

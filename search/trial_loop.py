@@ -1,0 +1,300 @@
+"""The ask/tell loop: Optuna asks a trial, the space makes it a recipe, a free worker builds and scores it.
+
+The loop is the only writer of the study. Dispatch is asynchronous (ray.wait on
+whatever is in flight): a worker that frees up gets the next piece of work at
+once, with no generation barrier. A trial with stages makes one round trip per
+stage (search/stages.py); after each but the last the pruner may stop it.
+
+Faults: a worker that dies is replaced and its trial retried once, then recorded
+FAIL with the reason; an exception while building or scoring fails only that
+trial. A trial's end is written to the study while the workers compute (deferred
+to the next turn of the loop), so the storage write is off the critical path.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from search import records
+from search.engine import recipe as recipes
+from search.engine.errors import UserError
+from search.interrupts import StopFlag, graceful_ctrl_c
+from search.progress import Counts, Progress
+from search.run_setup import RunSetup
+from search.worker_pool import Slot, WorkerPool, death_reason
+
+MAX_ATTEMPTS = 2  # a trial whose worker dies is run once more, then failed
+MAX_SUGGEST_FAILURES_IN_A_ROW = 20  # the space raises on every trial: a bug, not bad luck
+
+
+@dataclass
+class TrialRun:
+    trial: optuna.Trial
+    recipe_yaml: str
+    stage: int = 0  # index of the stage in flight
+    stages: list[dict] = field(default_factory=list)  # {"step": ..., "scores": {name: value}}
+    reported: set = field(default_factory=set)
+    attempts: int = 0
+    workers: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=lambda: {"materialize_s": [], "score_s": [], "busy_s": 0.0})
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+
+def study_counts(study: optuna.Study, multi: bool, running: int = 0) -> Counts:
+    """Complete / pruned / failed trials (interrupted ones are not failures) and the best search score."""
+    c = Counts(running=running)
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.COMPLETE:
+            c.complete += 1
+        elif t.state == TrialState.PRUNED:
+            c.pruned += 1
+        elif t.state == TrialState.FAIL and not records.is_interrupted(t):
+            c.failed += 1
+    if c.complete:
+        best = study.best_trials[0] if multi else study.best_trial
+        c.best, c.best_trial = list(best.values), best.number
+    return c
+
+
+class TrialLoop:
+    def __init__(self, setup: RunSetup, study: optuna.Study, pool: WorkerPool, progress: Progress):
+        self.setup, self.study, self.pool, self.progress = setup, study, pool, progress
+        self.spec, self.stages = setup.spec, setup.stages
+        self.trials_path: Path = setup.spec.run_dir / "trials.jsonl"
+        self.active = 0  # trials asked and not yet told (in flight, prepared, waiting for a retry or a commit)
+        self.finished = 0
+        self.finished_this_session = 0
+        self.retry: collections.deque[TrialRun] = collections.deque()
+        self.prepared: TrialRun | None = None
+        self.deferred: list[tuple[TrialRun, TrialState, dict]] = []
+        self.in_flight: dict[Any, tuple[Slot, TrialRun, str]] = {}
+        self.suggest_failures = 0
+        self.loop_start = self.loop_end = time.monotonic()
+
+    # ---- budget
+
+    def finished_count(self) -> int:
+        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return sum(1 for t in self.study.get_trials(deepcopy=False, states=done) if not records.is_interrupted(t))
+
+    def may_start_trial(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return False
+        if self.spec.trials is not None and self.finished + self.active >= self.spec.trials:
+            return False
+        return True
+
+    # ---- the loop
+
+    def run(self) -> None:
+        self.deadline = time.monotonic() + self.spec.timeout if self.spec.timeout else None
+        self.finished = self.finished_count()
+        free = collections.deque(self.pool.slots)
+        self.loop_start = time.monotonic()
+        for slot in self.pool.slots:
+            slot.free_since = self.loop_start
+        with graceful_ctrl_c() as stop:
+            self._loop(free, stop)
+        self.loop_end = time.monotonic()
+
+    def _loop(self, free: collections.deque, stop: StopFlag) -> None:
+        import ray
+
+        while True:
+            if stop.requested:  # Ctrl-C, acted on here, never in the middle of a write to the study
+                raise KeyboardInterrupt
+            # 1. every free worker gets work at once
+            while free:
+                run = self._next_run()
+                if run is None:
+                    break
+                self._dispatch(free.popleft(), run, "begin")
+            # 2. then the storage writes of what just finished, while the workers compute
+            self.commit_deferred()
+            # 3. and the next trial sampled ahead, so the next worker to free up need not wait for the sampler
+            if self.in_flight and self.prepared is None and self.may_start_trial():
+                self.prepared = self._new_trial()
+            if not self.in_flight:
+                if not self.pool.live():
+                    raise UserError(f"no worker left: {self.pool.last_death}")
+                break  # nothing running and nothing left to start
+            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                slot, run, _ = self.in_flight.pop(ref)
+                now = time.monotonic()
+                if self._handle_result(slot, run, ref):
+                    continue  # the same worker goes on with the next stage
+                slot.free_since = now
+                if not slot.retired:
+                    free.append(slot)
+
+    def _handle_result(self, slot: Slot, run: TrialRun, ref) -> bool:
+        """One finished call; True if its worker was sent on to the next stage of the same trial."""
+        import ray
+
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            self._worker_died(slot, run, e)
+        except ray.exceptions.RayError as e:  # the call itself raised: fail the trial, keep the worker
+            reason = death_reason(e).replace("worker died", "worker error")
+            self._defer(run, TrialState.FAIL, reason=reason, worker=slot)
+        else:
+            slot.busy_s += result["busy_s"]
+            slot.calls += 1
+            return self._stage_done(slot, run, result)
+        return False
+
+    def _next_run(self) -> TrialRun | None:
+        """Work for a free worker: a retry, the trial sampled ahead, or a new one; None when the budget is spent."""
+        if self.retry:
+            return self.retry.popleft()
+        if self.prepared is not None:
+            run, self.prepared = self.prepared, None
+            return run
+        while self.may_start_trial():
+            run = self._new_trial()
+            if run is not None:
+                return run  # else: pruned by a constraint or failed to suggest; ask again
+        return None
+
+    def _new_trial(self) -> TrialRun | None:
+        trial = self.study.ask()
+        self.active += 1
+        try:
+            recipe = self.setup.space.suggest(trial)
+            yaml_text = recipes.dump_stages(recipes.as_stages(recipe))
+        except optuna.TrialPruned as e:  # a constraint rejected it: never built
+            self.suggest_failures = 0
+            self._finish(TrialRun(trial, ""), TrialState.PRUNED, reason=str(e) or "rejected by a constraint")
+            return None
+        except Exception as e:
+            self.suggest_failures += 1
+            reason = f"space failed to suggest: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self._finish(TrialRun(trial, ""), TrialState.FAIL, reason=reason)
+            if self.suggest_failures >= MAX_SUGGEST_FAILURES_IN_A_ROW:
+                raise UserError(f"space: {self.suggest_failures} trials in a row failed to suggest; last: {reason}")
+            return None
+        self.suggest_failures = 0
+        return TrialRun(trial, yaml_text)
+
+    def _dispatch(self, slot: Slot, run: TrialRun, kind: str) -> None:
+        now = time.monotonic()
+        if slot.free_since is not None:
+            slot.idle_gaps.append(now - slot.free_since)
+            slot.free_since = None
+        if kind == "begin":
+            run.attempts += 1
+            run.stage = 0
+            run.workers.append(slot.name)
+            run.timings.setdefault("dispatched", time.time())
+            ref = slot.handle.begin.remote(run.number, run.recipe_yaml, self.stages[0].jobs)
+        else:
+            last = run.stage == len(self.stages) - 1
+            ref = slot.handle.advance.remote(run.number, self.stages[run.stage].jobs, last)
+        self.in_flight[ref] = (slot, run, kind)
+
+    def _stage_done(self, slot: Slot, run: TrialRun, result: dict) -> bool:
+        """Handle one stage's result; True if the same worker was sent on to the next stage."""
+        t = run.timings
+        t["busy_s"] += result["busy_s"]
+        if "materialize_s" in result:
+            t["materialize_s"].append(result["materialize_s"])
+        if not result["ok"]:
+            self._defer(run, TrialState.FAIL, reason=result["error"], worker=slot)
+            return False
+        t["score_s"].append(result["score_s"])
+        stage = self.stages[run.stage]
+        scores = {self.setup.objective_names[i]: v for (i, _), v in zip(stage.jobs, result["scores"])}
+        run.stages.append({"step": stage.step, "scores": scores})
+        bad = [n for n, v in scores.items() if not math.isfinite(v)]
+        if bad:
+            self._defer(run, TrialState.FAIL, reason=f"objective {bad[0]} returned {scores[bad[0]]}", worker=slot)
+            return False
+        if result.get("examples") is not None:
+            self.setup.pruner.record(run.number, result["examples"])
+        if run.stage == len(self.stages) - 1:
+            self._defer(run, TrialState.COMPLETE, values=self._final_values(run), worker=slot)
+            return False
+        if stage.step is not None and stage.step not in run.reported:
+            run.trial.report(result["scores"][0], stage.step)
+            run.reported.add(stage.step)
+        if run.trial.should_prune():
+            slot.handle.release.remote()
+            self._defer(run, TrialState.PRUNED, reason=f"pruned after stage {stage.step}", worker=slot)
+            return False
+        run.stage += 1
+        self._dispatch(slot, run, "advance")
+        return True
+
+    def _final_values(self, run: TrialRun) -> list[float]:
+        latest: dict[str, float] = {}
+        for s in run.stages:
+            latest.update(s["scores"])
+        return [latest[n] for n in self.setup.objective_names]
+
+    def _worker_died(self, slot: Slot, run: TrialRun, e: Exception) -> None:
+        reason = self.pool.worker_died(slot, e)
+        run.timings.setdefault("deaths", []).append(reason)
+        if run.attempts < MAX_ATTEMPTS:
+            run.stages.clear()  # a retry starts from the first stage; reported steps stay reported
+            self.retry.append(run)
+        else:
+            self._defer(run, TrialState.FAIL, reason=f"{reason} (after {run.attempts} attempts)", worker=slot)
+
+    # ---- telling the study
+
+    def _defer(self, run: TrialRun, state: TrialState, **kwargs) -> None:
+        self.deferred.append((run, state, kwargs))
+
+    def commit_deferred(self) -> None:
+        while self.deferred:
+            run, state, kwargs = self.deferred.pop(0)
+            self._finish(run, state, **kwargs)
+
+    def _finish(self, run: TrialRun, state: TrialState, *, values=None, reason=None, worker: Slot | None = None):
+        self.active -= 1
+        self.finished += 1
+        if worker is not None:
+            worker.trials += 1
+        run.timings["finished"] = time.time()
+        record = {
+            "recipe": run.recipe_yaml or None,
+            "stages": run.stages,
+            "worker": run.workers[-1] if run.workers else None,
+            "workers": run.workers,
+            "node": worker.info.get("node") if worker else None,
+            "attempts": run.attempts,
+            "timings": run.timings,
+        }
+        run.trial.set_user_attr(records.RECORD_ATTR, record)
+        if reason:
+            run.trial.set_user_attr(records.REASON_ATTR, reason)
+        if state == TrialState.COMPLETE:
+            frozen = self.study.tell(run.trial, values if self.setup.multi else values[0])
+        else:
+            frozen = self.study.tell(run.trial, state=state)
+        records.append_trial(self.trials_path, records.trial_record(frozen))
+        self._show(frozen, reason)
+
+    def _show(self, frozen: optuna.trial.FrozenTrial, reason: str | None) -> None:
+        counts = study_counts(self.study, self.setup.multi, running=self.active)
+        self.finished_this_session += 1
+        counts.finished_this_session = self.finished_this_session
+        what = f"trial {frozen.number} {frozen.state.name.lower()}"
+        if frozen.values:
+            what += " " + ", ".join(f"{v:.4g}" for v in frozen.values)
+        if reason and frozen.state != TrialState.COMPLETE:
+            what += f" ({reason})"
+        self.progress.update(counts, what)
