@@ -591,7 +591,7 @@ def main() -> None:
     if not (args.pruning and args.from_json):  # everything else runs searches
         import ray
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     if args.pruning:
         metric = f" --metric {args.metric}" if args.metric else ""
         if args.from_json:

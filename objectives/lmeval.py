@@ -266,6 +266,7 @@ class LmEvalObjective(Objective):
         self.heldout_names = self._resolve_heldout_names()
         self.has_heldout = self.heldout_names is not None
         self._heldout_tasks = None  # loaded on first use: most workers never re-score
+        self._last_heldout: tuple[dict, list[str], ExampleItems] = ({}, [], {})
 
     @classmethod
     def from_spec(cls, spec: dict, where: str, base_dir: Path) -> "LmEvalObjective":
@@ -495,17 +496,18 @@ class LmEvalObjective(Objective):
         names = [e.task for e in self.entries]
         return self._run(self.search_tasks, names, model, tokenizer, fidelity, self._search_items())
 
-    def example_aggregations(self) -> dict[str, str]:
-        """Each search task's aggregation of its entry's metric, "mean" or "perplexity" (what the
-        paired pruner can compare example by example); a UserError names any other."""
+    def example_aggregations(self, loaded: dict | None = None, names: list[str] | None = None) -> dict[str, str]:
+        """Each leaf task's aggregation of its entry's metric, "mean" or "perplexity" (what can be
+        compared example by example); a UserError names any other. Search tasks unless `loaded`."""
         from lm_eval.api import metrics
 
+        loaded = loaded or self.search_tasks
         known = {metrics.mean: "mean", metrics.perplexity: "perplexity"}
         out = {}
-        for entry in self.entries:
+        for entry, name in zip(self.entries, names or [e.task for e in self.entries]):
             metric = entry.metric.split(",")[0]
-            for leaf in self.search_tasks["leaves"][entry.task]:
-                fn = self.search_tasks["tasks"][leaf].aggregation().get(metric)
+            for leaf in loaded["leaves"][name]:
+                fn = loaded["tasks"][leaf].aggregation().get(metric)
                 if fn not in known:
                     raise UserError(f"pruner: paired compares scores that average their examples (or lm-eval's "
                                     f"perplexity); task {leaf!r} aggregates {metric!r} by "
@@ -516,12 +518,24 @@ class LmEvalObjective(Objective):
     def example_values(self) -> dict:
         """The current candidate's per-example results behind its last `score` (the examples of its
         stages so far), per search task with the task's aggregation and share of the score."""
-        items, aggregations = self._search_items(), self.example_aggregations()
+        return self._example_values(self.search_tasks, [e.task for e in self.entries], self._search_items())
+
+    def heldout_example_values(self) -> dict | None:
+        """The per-example results behind the last `score_heldout`, in the form of `example_values`;
+        None when a task's metric does not average its examples (no paired comparison then)."""
+        loaded, names, items = self._last_heldout
+        try:
+            return self._example_values(loaded, names, items)
+        except UserError:
+            return None
+
+    def _example_values(self, loaded: dict, names: list[str], items: ExampleItems) -> dict:
+        aggregations = self.example_aggregations(loaded, names)
         total = sum(e.weight for e in self.entries)
         out = {}
-        for entry in self.entries:
+        for entry, name in zip(self.entries, names):
             metric, _, filter_key = entry.metric.partition(",")
-            leaves = self.search_tasks["leaves"][entry.task]
+            leaves = loaded["leaves"][name]
             for leaf in leaves:
                 values = {d: float(example[_item_key(example, metric, filter_key)])
                           for d, example in items.get(leaf, {}).items()}
@@ -534,7 +548,10 @@ class LmEvalObjective(Objective):
 
     def score_heldout(self, model, tokenizer) -> float:
         # fresh results, never the search's: the held-out score must not lean on what the search scored
-        if not self.has_heldout:
-            names = [e.task for e in self.entries]
-            return self._combine(names, self._run(self.search_tasks, names, model, tokenizer, None, {}))
-        return self._combine(self.heldout_names, self._run(self._heldout(), self.heldout_names, model, tokenizer, None, {}))
+        if self.has_heldout:
+            loaded, names = self._heldout(), self.heldout_names
+        else:
+            loaded, names = self.search_tasks, [e.task for e in self.entries]
+        items: ExampleItems = {}
+        self._last_heldout = (loaded, names, items)
+        return self._combine(names, self._run(loaded, names, model, tokenizer, None, items))

@@ -13,4 +13,14 @@ Packages and who may import whom (tests/test_layout.py enforces it):
 One candidate's path: search/driver.py asks a trial -> spaces/ suggests a recipe ->
 search/worker.py materializes it with search/engine/ and scores it with objectives/
 -> search/trial_loop.py tells the study and writes trials.jsonl.
+
+Inside search/, by what a run does:
+- set-up: runspec.py, model_check.py, run_setup.py, samplers.py, pruners.py, storage.py
+- the loop: driver.py, trial_loop.py (with schedule.py, scored_recipes.py, stages.py,
+  study_view.py, interrupts.py), worker_pool.py, worker.py, baselines.py, heldout.py,
+  paired_pruner.py, staged_tpe.py, paired_stats.py, progress.py, records.py
+- after it: verdict.py, export.py, publish.py and run_card.py (a model folder with its
+  card), summary.py (tables), report.py with report_plots.py, importance.py and
+  recipe_layers.py
+- commands: cli.py, *_command.py, demo.py
 """

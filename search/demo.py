@@ -1,27 +1,26 @@
 """`mergesearch demo`: the whole product on the built-in toy zoo, on one machine, offline.
 
 1. build the zoo (cached: a second run reuses it),
-2. search merges of its specialists as runs/demo.yaml says, with 2 Ray workers,
-3. export the winner as mergekit YAML and rebuild it with `mergekit-yaml`,
-4. score every parent, the usual default merges and the rebuilt winner on each
-   skill's test split (never seen by the search) and print the table.
+2. search merges of its specialists as runs/demo.yaml says, with 2 Ray workers; the
+   run scores its baselines beside the search: each specialist alone, the space's
+   defaults, and the hand-written merges the spec enqueues (TIES and the plain average
+   of all four specialists, runs/ties-4.yml and runs/average-4.yml),
+3. export the winner as mergekit YAML and rebuild it with `mergekit-multi`,
+4. score every baseline and the rebuilt winner on each skill's test split (never seen
+   by the search), print the table and the winner's margin over the best baseline
+   with a paired 95% interval. Exit status 1 when the winner does not beat it.
 
-The defaults (a plain average; TIES at mergekit's usual settings) sit beside the
-winner because they are what a person would try by hand: on some zoo seeds they
-do not even beat the best parent, while the searched merge does.
+The previous demo run (runs/demo/) is replaced.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import yaml
-
+from search.engine import safe_yaml
 from search.engine.errors import UserError
 
 DEFAULT_SPEC = Path("runs/demo.yaml")
@@ -34,50 +33,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=2, help="Ray workers (default 2)")
 
 
-def default_recipes(models: dict[str, str]) -> dict[str, dict]:
-    """Merges a person would try first: the plain average and TIES with mergekit's usual settings."""
-    specialists = [m for m in models if m != "base"]
-    return {
-        "average (linear)": {
-            "merge_method": "linear",
-            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in specialists],
-            "dtype": "float32",
-        },
-        "TIES (w 1, d 0.5)": {
-            "merge_method": "ties",
-            "base_model": "base",
-            "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5}} for m in specialists],
-            "parameters": {"normalize": True},
-            "dtype": "float32",
-        },
-    }
-
-
-def rebuild_with_mergekit(recipe_file: Path, out: Path) -> Path:
-    """Rebuild an exported recipe with mergekit itself: mergekit-yaml, or mergekit-multi for stages."""
-    from search.engine import recipe as recipes
-
-    multi = len(recipes.load(recipe_file)) > 1
-    exe = Path(sys.executable).with_name("mergekit-multi" if multi else "mergekit-yaml")
-    if not exe.exists():
-        raise UserError(f"demo: {exe.name} is not installed; run `bash setup.sh` (it installs mergekit 0.1.5)")
-    shutil.rmtree(out, ignore_errors=True)
-    if multi:
-        command = [str(exe), str(recipe_file), "--intermediate-dir", str(out.with_name(out.name + "-stages")), "--out-path", str(out)]
-    else:
-        command = [str(exe), str(recipe_file), str(out)]
-    done = subprocess.run(command + ["--random-seed", "0"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise UserError(f"demo: {exe.name} failed on {recipe_file}: {done.stderr.strip().splitlines()[-1]}")
-    return out
-
-
-def test_scores(objective, model, tokenizer, skills: list[str]) -> dict[str, float]:
-    """skill -> accuracy on its test split."""
+def test_scores(objective, model, tokenizer, skills: list[str]) -> tuple[dict[str, float], dict]:
+    """skill -> accuracy on its test split, and the per-example results behind it (for the paired margin)."""
     from objectives.zoo.tasks import task_name
 
+    objective.new_candidate()
     scores = objective.task_scores(model, tokenizer)
-    return {s: scores[task_name(s, "test")] for s in skills}
+    return {s: scores[task_name(s, "test")] for s in skills}, objective.example_values()
 
 
 def print_table(table: dict[str, dict[str, float]], winner: str) -> None:
@@ -85,7 +47,7 @@ def print_table(table: dict[str, dict[str, float]], winner: str) -> None:
     from rich.table import Table
 
     skills = list(next(iter(table.values())))
-    t = Table(title="test-split accuracy (never seen by the search)")
+    t = Table(title="test-split accuracy (never seen by the search): the run's baselines and its winner")
     t.add_column("model")
     for s in skills:
         t.add_column(s, justify="right")
@@ -103,17 +65,24 @@ def main(args: argparse.Namespace) -> int:
     from objectives.lmeval import LmEvalObjective, TaskEntry
     from objectives.zoo.build import SKILLS, build_zoo, no_hf_progress_bars
     from objectives.zoo.tasks import task_name
-    from search.engine import recipe as recipes
+    from search import export, records
     from search.driver import run
+    from search.engine import recipe as recipes
     from search.engine.materialize import Materializer
+    from search.paired_stats import margin
+    from search.publish import materialize
     from search.runspec import load_spec
 
     started = time.time()
     spec_path = args.spec
     if not spec_path.is_file():
         raise UserError(f"demo: {spec_path} not found; run the demo from the checkout's top folder or pass --spec")
-    raw = yaml.safe_load(spec_path.read_text())
-    zoo_dir = (spec_path.parent / Path(raw["models"]["base"]).parent).resolve()
+    # the zoo's folder, read before the zoo exists (load_spec would refuse its missing models)
+    raw = safe_yaml.load_all(safe_yaml.read_text(spec_path, str(spec_path)), str(spec_path))
+    try:
+        zoo_dir = (spec_path.parent / Path(raw[0]["models"]["base"]).parent).resolve()
+    except (IndexError, KeyError, TypeError):
+        raise UserError(f"demo: {spec_path} has no `models: {{base: ...}}`; the demo builds its zoo there") from None
 
     print(f"[1/4] toy zoo in {zoo_dir}", flush=True)
     build_zoo(zoo_dir, seed=args.seed)
@@ -127,41 +96,45 @@ def main(args: argparse.Namespace) -> int:
     run(spec)
 
     print("[3/4] rebuilding the winner with mergekit", flush=True)
-    best = run_dir / "best.yaml"
-    if not best.is_file():
+    meta, recs = export.load_run(run_dir)
+    ranked = export.rank(recs, meta["directions"])
+    if not ranked:
         raise UserError(f"demo: the search finished without a complete trial ({run_dir}/trials.jsonl says why)")
-    winner_dir = rebuild_with_mergekit(best, run_dir / "winner")
+    winner_dir = materialize(ranked[0], meta, recs, run_dir / "winner", with_mergekit=True, overwrite=True)
 
     import datasets
 
     datasets.disable_progress_bars()  # one bar per tiny test split is noise here
-    print("[4/4] scoring parents, default merges and the winner on the test splits", flush=True)
+    print("[4/4] scoring the run's baselines and its winner on the test splits", flush=True)
     objective = LmEvalObjective(
         [TaskEntry(task_name(s, "test"), "acc", 1.0, None) for s in SKILLS], include_path=[zoo_dir / "tasks"]
     )
-    models = {m: str(zoo_dir / m) for m in ["base", *SKILLS]}
     tokenizer = transformers.AutoTokenizer.from_pretrained(zoo_dir / "base")
-
-    def load(folder):
-        with no_hf_progress_bars():
-            return transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-
-    table = {}
-    for name, path in models.items():
-        table[name] = test_scores(objective, load(path), tokenizer, SKILLS)
-    engine = Materializer(models)  # scored one at a time: the engine reuses one resident model
-    for label, data in default_recipes(models).items():
-        table[label] = test_scores(objective, engine.materialize(recipes.from_dict(data)), tokenizer, SKILLS)
+    table, examples = {}, {}
+    engine = Materializer(spec.models)  # scored one at a time: the engine reuses one resident model
+    for r in records.read_trials(run_dir / "trials.jsonl"):
+        if r.get("baseline"):
+            model = engine.materialize(recipes.loads(r["recipe"]))
+            table[r["baseline"]], examples[r["baseline"]] = test_scores(objective, model, tokenizer, SKILLS)
     winner = "searched winner (rebuilt by mergekit)"
-    table[winner] = test_scores(objective, load(winner_dir), tokenizer, SKILLS)
+    with no_hf_progress_bars():
+        model = transformers.AutoModelForCausalLM.from_pretrained(winner_dir).eval()
+    table[winner], examples[winner] = test_scores(objective, model, tokenizer, SKILLS)
     print_table(table, winner)
 
     means = {name: sum(r.values()) / len(r) for name, r in table.items()}
-    best_parent = max(["base", *SKILLS], key=means.get)
-    margin = means[winner] - means[best_parent]
-    verdict = "beats" if margin > 0 else "does NOT beat"
+    best = max((n for n in table if n != winner), key=means.get)
+    paired = margin(examples[winner], examples[best], "maximize")
+    low, high = paired["ci95"]
+    if low > 0:
+        verdict = "beats"
+    elif paired["difference"] > 0:
+        verdict = "is ahead of, but not significantly (the interval includes 0),"
+    else:
+        verdict = "does NOT beat"
     print(
-        f"winner {verdict} the best parent ({best_parent}, {means[best_parent]:.3f}) by {margin:+.3f} "
-        f"on the mean; recipe: {best}; demo took {time.time() - started:.0f} s"
+        f"winner {verdict} the best baseline ({best}, {means[best]:.3f}) on the test mean: "
+        f"{paired['difference']:+.3f} (95% CI {low:+.3f} to {high:+.3f}); recipe: {run_dir / 'best.yaml'}; "
+        f"demo took {time.time() - started:.0f} s"
     )
-    return 0 if margin > 0 else 1
+    return 0 if paired["difference"] > 0 else 1

@@ -8,6 +8,7 @@ on the study (a user attribute), so a resumed run does not score a trial twice.
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any
 
 import optuna
@@ -23,23 +24,31 @@ def heldout_candidates(study: optuna.Study, top_k: int, has_heldout: bool, direc
     """The trials to re-score: the top k by search score (the Pareto front's first k with several objectives)."""
     if top_k == 0 or not has_heldout:
         return []
+    # baselines are re-scored with the search scores already (search/baselines.py); a duplicate's recipe
+    # is its original's
+    def searched(t) -> bool:
+        return not records.is_baseline(t) and records.DUPLICATE_ATTR not in t.user_attrs
+
     if len(directions) > 1:
-        pool = sorted(study.best_trials, key=lambda t: t.number)
+        pool = sorted((t for t in study.best_trials if searched(t)), key=lambda t: t.number)
     else:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if searched(t)]
         sign = -1 if directions[0] == "maximize" else 1
         pool = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
     return pool[:top_k]
 
 
-def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objectives: int, say) -> None:
-    """Score `candidates` on the held-out split over the pool's free workers; `say` reports a failure."""
+def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objectives: int, say,
+                timeout: float | None = None) -> None:
+    """Score `candidates` on the held-out split over the pool's free workers; `say` reports a failure.
+    A re-score still running after `timeout` seconds is given up and its worker replaced."""
     import ray
 
     done: dict[str, Any] = dict(study.user_attrs.get(records.HELDOUT_ATTR, {}))
+    examples: dict[str, Any] = dict(study.user_attrs.get(records.HELDOUT_EXAMPLES_ATTR, {}))
     todo = collections.deque(t for t in candidates if str(t.number) not in done)
     free = collections.deque(pool.live())
-    in_flight: dict[Any, tuple[Slot, optuna.trial.FrozenTrial]] = {}
+    in_flight: dict[Any, tuple[Slot, optuna.trial.FrozenTrial, float]] = {}
     indices = list(range(n_objectives))
     attempts: dict[int, int] = collections.Counter()
     while todo or in_flight:
@@ -47,11 +56,20 @@ def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objec
             slot, t = free.popleft(), todo.popleft()
             attempts[t.number] += 1
             recipe_yaml = t.user_attrs[records.RECORD_ATTR]["recipe"]
-            in_flight[slot.handle.heldout.remote(t.number, recipe_yaml, indices)] = (slot, t)
+            in_flight[slot.handle.heldout.remote(t.number, recipe_yaml, indices)] = (slot, t, time.monotonic())
         if not in_flight:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        slot, t = in_flight.pop(ready[0])
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if timeout is None else 0.5)
+        if not ready:
+            now = time.monotonic()
+            for ref, (slot, t, started) in list(in_flight.items()):
+                if now - started >= timeout:
+                    del in_flight[ref]
+                    pool.replace(slot)
+                    say(f"held-out score of trial {t.number} failed: timed out after {timeout:g} s")
+                    free.append(slot)
+            continue
+        slot, t, _ = in_flight.pop(ready[0])
         try:
             result = ray.get(ready[0])
         except ray.exceptions.RayActorError as e:
@@ -65,6 +83,9 @@ def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objec
             if result["ok"]:
                 done[str(t.number)] = result["scores"]
                 study.set_user_attr(records.HELDOUT_ATTR, done)
+                if result.get("examples") is not None:  # for the winner's paired margin over the baselines
+                    examples[str(t.number)] = result["examples"]
+                    study.set_user_attr(records.HELDOUT_EXAMPLES_ATTR, examples)
             else:
                 say(f"held-out score of trial {t.number} failed: {result['error']}")
         if not slot.retired:

@@ -15,46 +15,28 @@ stopped when it is worse by more than `z` standard errors (1.64: one-sided 5%). 
 clearly worse candidate stops after the first stage; one close to the best goes on to the
 next stage, where more examples decide.
 
-The score is a weighted mean over tasks of each task's aggregate of its examples: their
-mean (acc, exact_match, ...) or lm-eval's perplexity, exp(-mean log-likelihood). The
-standard error is the delta method's, from the per-example differences.
+The difference and its standard error are search/paired_stats.py's.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-# task -> {"aggregation": "mean" | "perplexity", "weight": w, "values": {example id: value}}
-ExampleValues = dict[str, dict]
+from search.paired_stats import ExampleValues, paired_difference
+
 DEFAULT_Z = 1.64
 
 
 def paired_z(current: ExampleValues, best: ExampleValues, direction: str) -> float:
     """How many standard errors `current` scores worse than `best` on the examples both scored
     (positive: worse; `direction` says which way is better)."""
-    diff = var = 0.0
-    for task, cur in current.items():
-        ref = best.get(task, {}).get("values", {})
-        docs = [d for d in cur["values"] if d in ref]
-        if len(docs) < 2:
-            continue
-        x = np.array([cur["values"][d] for d in docs], dtype=float)
-        y = np.array([ref[d] for d in docs], dtype=float)
-        w = cur["weight"]
-        if cur["aggregation"] == "perplexity":  # exp(-mean ll): slope -exp(-m) between the two means
-            diff += w * (math.exp(-x.mean()) - math.exp(-y.mean()))
-            slope = -w * math.exp(-(x.mean() + y.mean()) / 2)
-        else:
-            diff += w * (x.mean() - y.mean())
-            slope = w
-        var += slope**2 * float(np.var(x - y, ddof=1)) / len(docs)
-    if var == 0.0:
+    diff, se, _ = paired_difference(current, best)
+    if se == 0.0:
         return 0.0 if diff == 0.0 else math.copysign(math.inf, diff if direction == "minimize" else -diff)
-    z = diff / math.sqrt(var)
+    z = diff / se
     return z if direction == "minimize" else -z
 
 

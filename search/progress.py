@@ -87,8 +87,9 @@ class Progress:
         budget = f"/{self.trials}" if self.trials else ""
         table.add_row("trials", f"{c.done}{budget} done: {c.complete} complete, {c.pruned} pruned, {c.failed} failed; "
                       f"{c.running} running")
+        # the best *search* score: the run's winner is chosen after the search, by held-out score
         best = _fmt_best(c.best)
-        table.add_row("best", f"{best} (trial {c.best_trial})" if c.best_trial is not None else best)
+        table.add_row("best search score", f"{best} (trial {c.best_trial})" if c.best_trial is not None else best)
         table.add_row("rate", f"{self.rate_per_minute():.1f} trials/min")
         table.add_row("time left", _fmt_seconds(self.time_left()))
         for k, v in c.extra.items():
@@ -104,11 +105,21 @@ class Progress:
         elif line:
             c = counts
             print(
-                f"[{c.done}{'/' + str(self.trials) if self.trials else ''}] {line} | best {_fmt_best(c.best)}"
+                f"[{c.done}{'/' + str(self.trials) if self.trials else ''}] {line} | best search score {_fmt_best(c.best)}"
                 f" | {self.rate_per_minute():.1f}/min | left {_fmt_seconds(self.time_left())}",
                 file=sys.stderr,
                 flush=True,
             )
+
+    def trial_finished(self, counts: Counts, frozen, reason: str | None) -> None:
+        what = f"trial {frozen.number} {frozen.state.name.lower()}"
+        if frozen.values:
+            what += " " + ", ".join(f"{v:.4g}" for v in frozen.values)
+        if reason and frozen.state.name != "COMPLETE":
+            what += f" ({reason})"
+        if frozen.user_attrs.get("duplicate_of") is not None:
+            what += f" (duplicate of trial {frozen.user_attrs['duplicate_of']}: not built again)"
+        self.update(counts, what)
 
     def message(self, text: str) -> None:
         if not self.quiet:

@@ -20,6 +20,11 @@ RECORD_ATTR = "record"  # per-trial user attr: recipe, stages, timings, worker, 
 REASON_ATTR = "reason"  # per-trial user attr: why a trial failed or was pruned
 INTERRUPTED = "interrupted"
 HELDOUT_ATTR = "heldout"  # study user attr: {trial number: [held-out score per objective]}
+# study user attr: {trial number: per-example held-out results of the first objective}, for the paired margin
+HELDOUT_EXAMPLES_ATTR = "heldout_examples"
+DUPLICATE_ATTR = "duplicate_of"  # per-trial user attr: the trial whose result this one took (same recipe)
+BASELINE_ATTR = "baseline"  # per-trial user attr: the name of the baseline this trial is (search/baselines.py)
+BASELINES_ATTR = "baselines"  # study user attr: {baseline name: its scores, recipe and trial number if any}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -48,10 +53,16 @@ def is_interrupted(t: optuna.trial.FrozenTrial) -> bool:
     return t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get(REASON_ATTR) == INTERRUPTED
 
 
+def is_baseline(t: optuna.trial.FrozenTrial) -> bool:
+    return BASELINE_ATTR in t.user_attrs
+
+
 def trial_record(t: optuna.trial.FrozenTrial, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = t.user_attrs.get(RECORD_ATTR, {})
     return {
         "trial": t.number,
+        "baseline": t.user_attrs.get(BASELINE_ATTR),
+        "duplicate_of": t.user_attrs.get(DUPLICATE_ATTR),
         "state": t.state.name,
         "values": _finite(t.values),
         "heldout": (heldout or {}).get(str(t.number)),
@@ -91,7 +102,7 @@ def read_trials(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a killed driver; the study still has the trial
     # a later line for the same trial (a rewrite) wins
-    return list({r["trial"]: r for r in out}.values())
+    return list({(r.get("trial"), r.get("baseline")): r for r in out}.values())
 
 
 def read_json(path: Path) -> dict[str, Any]:

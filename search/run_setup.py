@@ -1,8 +1,9 @@
 """A run's set-up: everything checked before the run folder, the study or Ray exist, then the study.
 
-`prepare_run` builds the space, the objectives (on the driver, to check them), the
-stage plan, the pruner and the sampler, reads the enqueued recipes and finds the
-storage; any bad input is a UserError here, so nothing is left behind.
+`prepare_run` builds the space, checks the model files it merges (search/model_check.py,
+headers only), builds the objectives (on the driver, to check them), the stage plan,
+the pruner and the sampler, reads the enqueued recipes and finds the storage; any bad
+input is a UserError here, so nothing is left behind.
 `open_study` creates the study (or loads it for --resume, checking the spec did
 not change) and writes run.json.
 """
@@ -10,6 +11,7 @@ not change) and writes run.json.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,8 +19,10 @@ import optuna
 from optuna.trial import TrialState
 
 from search import records
+from search.baselines import Baseline, choose_baselines
 from search.engine import recipe as recipes
 from search.engine.errors import UserError
+from search.model_check import check_models
 from search.paired_pruner import PairedPruner
 from search.pruners import build_pruner
 from search.runspec import RunSpec
@@ -39,7 +43,8 @@ class RunSetup:
     pruner: optuna.pruners.BasePruner
     send_examples: bool  # the paired pruner needs each stage's per-example results
     sampler: optuna.samplers.BaseSampler
-    enqueued_params: list[dict]
+    enqueued_params: list[dict]  # enqueued recipes that are not baselines: the first trials
+    baselines: list[Baseline]
     storage_url: str
     storage_shown: str  # masked: the only form that is printed or written
     storage: Any  # None until the run folder may be created
@@ -54,7 +59,10 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: a file is in the way of the run folder; move it or choose another `name:`")
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says what matters
-    space = build_space(spec.space, read_model_infos(spec.models))
+    infos = read_model_infos(spec.models)
+    space = build_space(spec.space, infos)
+    # compose stages name intermediate models too: only the spec's own models have files
+    check_models(spec.models, [m for m in space.used_models if m in spec.models], spec.allow_pickle)
     objectives = build_objectives(spec.objectives, spec.base_dir)
     fidelities = [list(o.fidelities) if o.fidelities else None for o in objectives]
     multi = len(objectives) > 1
@@ -68,8 +76,9 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
                             "successive_halving")
         objectives[0].example_aggregations()  # a metric it cannot compare fails here, before any trial
     sampler = build_sampler(spec.sampler_name, spec.seed, len(objectives), spec.sampler_options)
+    baselines = choose_baselines(spec, space, infos)
     enqueued_params = []
-    for path in spec.enqueue:
+    for path in spec.enqueue if spec.baselines is False else []:  # else each is a baseline
         stages = recipes.load(path)
         try:
             enqueued_params.append(space.params(stages if len(stages) > 1 else stages[0]))
@@ -89,6 +98,7 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
         send_examples=send_examples,
         sampler=sampler,
         enqueued_params=enqueued_params,
+        baselines=baselines,
         storage_url=storage_url,
         storage_shown=mask(storage_url),
         # no study yet: the database is created once the run folder may be
@@ -116,6 +126,15 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
         study = optuna.load_study(
             study_name=spec.name, storage=setup.storage, sampler=setup.sampler, pruner=setup.pruner
         )
+        asked = len(study.get_trials(deepcopy=False))
+        if asked:
+            # a seeded sampler started again would draw the points it drew before: go on from a seed moved
+            # by the study's size, so a resumed run explores on (and resuming the same study repeats exactly)
+            seed = (spec.seed + asked) % 2**32
+            setup.sampler = build_sampler(spec.sampler_name, seed, len(setup.directions), spec.sampler_options)
+            study = optuna.load_study(
+                study_name=spec.name, storage=setup.storage, sampler=setup.sampler, pruner=setup.pruner
+            )
         identity = jsonable(spec.identity())
         before = study.user_attrs.get("identity")
         if before is not None and before != identity:
@@ -137,6 +156,9 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
         )
         study.set_user_attr("identity", jsonable(spec.identity()))
         study.set_user_attr("objectives", setup.objective_names)
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2: nothing the user can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(setup.objective_names)  # optuna-dashboard names the objectives by them
         for params in setup.enqueued_params:
             study.enqueue_trial(params, user_attrs={"enqueued": True})
     meta = {
@@ -147,21 +169,42 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
         "directions": setup.directions,
         "seed": spec.seed,
         "model_paths": spec.models,
+        "model_names": spec.model_names,  # the public names exports, the report and model cards write
         "stages": [s.step for s in setup.stages],
+        # what a model card says of the search (search/run_card.py)
+        "settings": {"space": spec.space, "sampler": spec.sampler_name, "pruner": spec.pruner, "trials": spec.trials,
+                     "timeout": spec.timeout, "objectives": spec.objectives, "allow_pickle": spec.allow_pickle},
     }
-    records.write_atomic(spec.run_dir / "run.json", to_json(meta))
+    path = spec.run_dir / "run.json"
+    if resume:  # what the last session measured (utilization, ...) stays until this one replaces it
+        meta = {**_previous_meta(path), **meta}
+    records.write_atomic(path, to_json(meta))
     return study
+
+
+def _previous_meta(path) -> dict:
+    try:
+        meta = records.read_json(path)
+    except (OSError, ValueError):  # missing or corrupt: rewritten whole from the spec and the study
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def recover_interrupted(study: optuna.Study) -> None:
     """Trials a killed driver left RUNNING: mark them FAIL ("interrupted") and enqueue their params again."""
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_user_attr(t._trial_id, records.REASON_ATTR, records.INTERRUPTED)
-        study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
-        # an enqueued trial caught before its space asked for anything has its params only as fixed_params;
-        # one not sampled at all has none, and its re-run is a fresh sample
-        params = {**t.system_attrs.get("fixed_params", {}), **t.params}
-        study.enqueue_trial(params, user_attrs={"retry_of": t.number})
+        requeue(study, t)
+
+
+def requeue(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+    """One trial that will not finish now: FAIL ("interrupted", not counted) and its params enqueued again.
+    A retry interrupted in turn is requeued the same way, so each chain of retries ends in one finished trial."""
+    study._storage.set_trial_user_attr(t._trial_id, records.REASON_ATTR, records.INTERRUPTED)
+    study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+    # an enqueued trial caught before its space asked for anything has its params only as fixed_params;
+    # one not sampled at all has none, and its re-run is a fresh sample
+    params = {**t.system_attrs.get("fixed_params", {}), **t.params}
+    study.enqueue_trial(params, user_attrs={"retry_of": t.number})
 
 
 def _direction(d: str) -> optuna.study.StudyDirection:

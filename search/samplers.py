@@ -17,7 +17,7 @@ from typing import Any
 
 import optuna
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 from search.staged_tpe import StagedTPESampler
 
 SINGLE_OBJECTIVE_ONLY = ("cmaes",)
@@ -38,24 +38,29 @@ def _by_name(name: str, seed: int, options: dict[str, Any]) -> optuna.samplers.B
     if name == "qmc":
         # scrambled, or the seed would change nothing
         return s.QMCSampler(**{"seed": seed, "scramble": True, "warn_asynchronous_seeding": False, **options})
-    raise UserError(f"sampler: unknown sampler {name!r}; use tpe, cmaes, gp, nsga2, random, qmc or a dotted class path")
+    raise UserError(f"sampler: unknown sampler {short(name)}; use tpe, cmaes, gp, nsga2, random, qmc or a dotted class path")
 
 
-def _by_path(path: str, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+def sampler_class(path: str) -> type[optuna.samplers.BaseSampler]:
+    """The class a dotted path names, checked to be an Optuna sampler before anything calls it:
+    a spec's `sampler: {name: os.system, ...}` must not run a command."""
     module, _, attr = path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError):
-        raise UserError(f"sampler: cannot import {path!r}; check the dotted path") from None
+    except (ImportError, AttributeError, ValueError, TypeError):  # TypeError: a relative path, `..x`
+        raise UserError(f"sampler: cannot import {short(path)}; check the dotted path") from None
+    if not (inspect.isclass(cls) and issubclass(cls, optuna.samplers.BaseSampler)):
+        raise UserError(f"sampler: {short(path)} is not an optuna sampler (a subclass of optuna.samplers.BaseSampler)")
+    return cls
+
+
+def _by_path(path: str, seed: int, options: dict[str, Any]) -> optuna.samplers.BaseSampler:
+    cls = sampler_class(path)
     try:
         accepts_seed = "seed" in inspect.signature(cls).parameters
     except (TypeError, ValueError):
         accepts_seed = False
-    kwargs = {"seed": seed, **options} if accepts_seed else dict(options)
-    sampler = cls(**kwargs)
-    if not isinstance(sampler, optuna.samplers.BaseSampler):
-        raise UserError(f"sampler: {path!r} is not an optuna sampler (a subclass of optuna.samplers.BaseSampler)")
-    return sampler
+    return cls(**({"seed": seed, **options} if accepts_seed else options))
 
 
 def build_sampler(
@@ -66,5 +71,5 @@ def build_sampler(
         raise UserError(f"sampler: {name} handles one objective and this run has {n_objectives}; use nsga2 or tpe")
     try:
         return _by_path(name, seed, options) if "." in name else _by_name(name, seed, options)
-    except TypeError as e:
-        raise UserError(f"sampler: bad options for {name}: {e}; check the option names") from None
+    except (TypeError, ValueError) as e:  # an unknown option, or a value the sampler refuses
+        raise UserError(f"sampler: bad options for {name}: {e}; check the options") from None

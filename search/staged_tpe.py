@@ -24,10 +24,11 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from search.study_view import StudyView
 
 
 def stage_gaps(trials: list[FrozenTrial]) -> dict[int, float]:
@@ -60,31 +61,11 @@ def read_pruned_as_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return out
 
 
-class _EstimatedView:
-    """The study as TPE reads it: trials through `read_pruned_as_finished`, all else the study's own.
-
-    Optuna 5's TPE reads trials by the study's private `_get_trials`; should that change, TPE would
-    read the study unchanged, and tests/test_runspec.py's test of this sampler fails."""
-
-    def __init__(self, study: optuna.Study):
-        self._study = study
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._study, name)
-
-    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = read_pruned_as_finished(self._study._get_trials(deepcopy=False, states=None, use_cache=use_cache))
-        return [t for t in trials if states is None or t.state in states]
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
-        return self._get_trials(deepcopy, states)
-
-
 class StagedTPESampler(optuna.samplers.TPESampler):
     """Optuna's TPE, reading a single-objective study's trials through `read_pruned_as_finished`."""
 
     def _view(self, study: optuna.Study):
-        return _EstimatedView(study) if len(study.directions) == 1 else study
+        return StudyView(study, read_pruned_as_finished) if len(study.directions) == 1 else study
 
     def sample_relative(self, study, trial, search_space):
         return super().sample_relative(self._view(study), trial, search_space)

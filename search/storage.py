@@ -11,20 +11,62 @@ import re
 from pathlib import Path
 
 import optuna
+from sqlalchemy.engine import URL, make_url
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<secret>[^@/\s]*)@")
-_QUERY_SECRET = re.compile(r"(?i)((?:password|passwd|pwd|secret|token|key)=)[^&;\s]*")
+_SECRET_WORDS = "password|passwd|pwd|secret|token|key"
+_SECRET_KEY = re.compile(f"(?i){_SECRET_WORDS}")
+_QUERY_SECRET = re.compile(f"(?i)((?:{_SECRET_WORDS})=)[^&;\\s]*")
 JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
 
 
+def _parse(url: str) -> URL | None:
+    """`url` as SQLAlchemy reads it, or None when it is not a database URL."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    # An unescaped '@' in the password: SQLAlchemy splits at the first '@', and the rest of the
+    # password lands in the host; everything before the last '@' is the user's secret.
+    if parsed.host and "@" in parsed.host:
+        secret, _, host = parsed.host.rpartition("@")
+        parsed = parsed.set(password=f"{parsed.password or ''}@{secret}", host=host)
+    return parsed
+
+
 def mask(url: str | None) -> str | None:
-    """The URL with any password or token replaced by ***."""
+    """The URL with any password or token replaced by ***, read by SQLAlchemy's own URL parser
+    (so a password with '/', spaces or '@' is masked whole)."""
     if url is None:
         return None
-    url = _USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", url)
-    return _QUERY_SECRET.sub(r"\1***", url)
+    parsed = _parse(url)
+    if parsed is None:  # not a database URL (a journal path, a typo): mask what looks like a secret
+        scheme, sep, rest = url.partition("://")
+        if sep and "@" in rest:  # user:password@ before the last '@'
+            rest = "***@" + rest.rpartition("@")[2]
+        return _QUERY_SECRET.sub(r"\1***", scheme + sep + rest)
+    if parsed.password is None and not any(_SECRET_KEY.search(k) for k in parsed.query):
+        return url  # nothing to hide: shown exactly as given
+    return _QUERY_SECRET.sub(r"\1***", parsed.render_as_string(hide_password=True))
+
+
+def _scrub(message: str, url: str) -> str:
+    """An error message about `url` with the URL, and its password wherever it appears, masked."""
+    message = message.replace(url, mask(url))
+    parsed = _parse(url)
+    password = parsed.password if parsed is not None else None
+    # a password of a letter or two would turn every such letter of the message into ***
+    return message.replace(password, "***") if password and len(password) > 2 else message
+
+
+def _sqlite_folder(parsed: URL) -> Path | None:
+    """The folder a sqlite URL's database file goes in; None for memory or a `uri=true` filename,
+    which SQLite reads as a URI (file:...), not a path to make folders for."""
+    database = parsed.database
+    if not database or database == ":memory:" or parsed.query.get("uri") in ("true", "1"):
+        return None
+    return Path(database).expanduser().parent
 
 
 def default_url(run_dir: Path) -> str:
@@ -42,16 +84,18 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
             return optuna.storages.JournalStorage(backend)
         if "://" not in url:
             raise UserError(
-                f"storage: {mask(url)!r} is neither a database URL (sqlite:///..., postgresql://...) "
+                f"storage: {short(mask(url))} is neither a database URL (sqlite:///..., postgresql://...) "
                 "nor a journal file (journal:PATH); fix it"
             )
-        if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        parsed = make_url(url)
+        folder = _sqlite_folder(parsed) if parsed.get_backend_name() == "sqlite" else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(url)
     except UserError:
         raise
-    except Exception as e:  # driver missing, host unreachable, ...
-        reason = mask(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except Exception as e:  # a malformed URL, driver missing, host unreachable, ...
+        reason = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, url)
         raise UserError(f"storage: cannot open {mask(url)}: {reason}") from None
 
 

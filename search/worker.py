@@ -155,9 +155,11 @@ class Worker:
             self._new_candidate()
             with torch.inference_mode():
                 scores = [float(self.objectives[i].score_heldout(model, tokenizer)) for i in objective_indices]
+            # the first objective's per-example results, where it keeps them: the run's paired margin
+            examples = getattr(self.objectives[0], "heldout_example_values", lambda: None)()
         except Exception as e:
             return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
-        return self._result(t0, ok=True, scores=scores)
+        return self._result(t0, ok=True, scores=scores, examples=examples)
 
     def _result(self, t0: float, **fields: Any) -> dict[str, Any]:
         busy = time.perf_counter() - t0

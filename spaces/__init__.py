@@ -11,7 +11,7 @@ a candidate that breaks one raises optuna.TrialPruned before anything is built.
 
 from __future__ import annotations
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 
 from .base import Space
 from .compose import ComposeSpace
@@ -32,8 +32,8 @@ def build_space(spec: dict, models: dict[str, ModelInfo], where: str = "space") 
     if not isinstance(spec, dict):
         raise UserError(f"{where}: expected a mapping with a kind: ({', '.join(SPACES)})")
     kind = spec.get("kind")
-    if kind not in SPACES:
-        raise UserError(f"{where}.kind: {kind!r} is not a space; use one of {', '.join(SPACES)}")
+    if not isinstance(kind, str) or kind not in SPACES:
+        raise UserError(f"{where}.kind: {short(kind)} is not a space; use one of {', '.join(SPACES)}")
     return SPACES[kind](spec, models, where)
 
 

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 
 from optuna import TrialPruned
 
-from search.engine.errors import UserError
-from search.engine.recipe import Recipe, as_stages, to_dict
+from search.engine.errors import UserError, short
+from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice, Recipe, as_stages, to_dict
 
 from .constraints import Constraints
 from .model_info import ModelInfo
@@ -54,6 +54,11 @@ class Space:
 
     def checked_models(self) -> dict[str, ModelInfo]:
         return self.models
+
+    def defaults(self) -> dict[str, Recipe | list[Recipe]]:
+        """The merges a person would write by hand for this space, by name: the run's baselines.
+        They need not be points of the space (a linear average in a TIES-only space)."""
+        return {}
 
     # ---- the interface the driver uses ----------------------------------------
 
@@ -97,7 +102,7 @@ class Space:
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in MERGE_DTYPES:
-                spec.fail(key, f"{value!r} is not one of {', '.join(MERGE_DTYPES)}")
+                spec.fail(key, f"{short(value)} is not one of {', '.join(MERGE_DTYPES)}")
 
     def output_options(self) -> dict[str, Any]:
         return dict(dtype=self.dtype, out_dtype=self.out_dtype, tokenizer_source=self.tokenizer_source)
@@ -105,7 +110,7 @@ class Space:
     def check_output_options(self, recipe) -> None:
         for key, value in self.output_options().items():
             if getattr(recipe, key) != value:
-                raise NotInSpace(f"{key} is {getattr(recipe, key)!r} but the space writes {value!r}")
+                raise NotInSpace(f"{key} is {short(getattr(recipe, key))} but the space writes {short(value)}")
 
     def check_same_shape(self, spec: SpecReader, fields: list[tuple[str, str]]) -> None:
         """Models merged tensor by tensor must share family, depth and width. fields: (spec field, model)."""
@@ -124,9 +129,15 @@ class Space:
                 if getattr(other, attribute) != getattr(first, attribute):
                     spec.fail(
                         key,
-                        f"{name!r} has {attribute} {getattr(other, attribute)} but {first_name!r} has "
+                        f"{short(name)} has {attribute} {getattr(other, attribute)} but {short(first_name)} has "
                         f"{getattr(first, attribute)}; {fix}",
                     )
+
+
+def model_alone(model: str, num_layers: int, **output_options) -> MergeRecipe:
+    """One model as it is: a passthrough of all its layers (the engine aliases every tensor)."""
+    only = OutputSlice(sources=[InputSlice(model=model, layer_range=(0, num_layers))])
+    return MergeRecipe(merge_method="passthrough", slices=[only], **output_options)
 
 
 def listed(key: str, names: list[str]) -> list[tuple[str, str]]:
@@ -152,7 +163,7 @@ class ReplayTrial:
             raise NotInSpace(f"param {name} is missing")
         value = self._params[name]
         if not ok(value):
-            raise NotInSpace(f"param {name} = {value!r} is not {what}")
+            raise NotInSpace(f"param {name} = {short(value)} is not {what}")
         self.asked.add(name)
         return value
 

@@ -19,11 +19,13 @@ can use an earlier stage's output only if every trial gives it the same shape (a
 slerp or weights stage, or a layout / expansion with fixed counts), so later
 stages know its depth. Params are the stages' params under `<stage name>.`, e.g.
 `blend.t.mlp.2`, `stage2.m`.
+
+Defaults (the run's baselines): every combination of the stages' defaults, chained.
 """
 
 from __future__ import annotations
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 from search.engine.recipe import as_stages
 
 from .base import PrefixedTrial, Space
@@ -51,9 +53,9 @@ class ComposeSpace(Space):
             name = stage_spec.pop("name", None)
             if name is not None:
                 if not isinstance(name, str) or not name or "." in name:
-                    raise UserError(f"{where}.name: expected a name without dots, got {name!r}")
+                    raise UserError(f"{where}.name: expected a name without dots, got {short(name)}")
                 if name in self.available:
-                    raise UserError(f"{where}.name: {name!r} is already a model or stage name; pick another")
+                    raise UserError(f"{where}.name: {short(name)} is already a model or stage name; pick another")
                 named.add(i)
             name = name or f"stage{i + 1}"
             if stage_spec.get("kind") == "compose":
@@ -72,6 +74,9 @@ class ComposeSpace(Space):
         for name, space in self.stages:
             self.used_models += [m for m in space.used_models if m not in self.used_models]
 
+    def output_info(self) -> ModelInfo | None:
+        return self.stages[-1][1].output_info()
+
     def checked_models(self) -> dict[str, ModelInfo]:
         return getattr(self, "available", self.models)
 
@@ -84,6 +89,20 @@ class ComposeSpace(Space):
                 recipe = recipe.model_copy(update={"name": name})
             recipes.append(recipe)
         return recipes
+
+    def defaults(self) -> dict[str, list]:
+        """Every combination of the stages' defaults, chained (a slerp at t = 0.5, then TIES, ...);
+        none when a stage has no default."""
+        combos: list[tuple[list[str], list]] = [([], [])]
+        last = len(self.stages) - 1
+        for i, (name, space) in enumerate(self.stages):
+            named = i < last or self.named_last
+            combos = [
+                (labels + [f"{name}: {label}"], chain + [recipe.model_copy(update={"name": name}) if named else recipe])
+                for labels, chain in combos
+                for label, recipe in space.defaults().items()
+            ]
+        return {", then ".join(labels): chain for labels, chain in combos}
 
     def propose_params(self, recipe) -> list[dict]:
         stages = as_stages(recipe)
@@ -105,6 +124,6 @@ class _Unfixed:
     def __init__(self, name: str, kind: str):
         self.name = name
         self.unusable_reason = (
-            f"stage {name!r} ({kind}) gives a different shape in each trial, so no later stage can build on it; "
+            f"stage {short(name)} ({kind}) gives a different shape in each trial, so no later stage can build on it; "
             "fix its counts (m, width and stride, count, every) or make it the last stage"
         )

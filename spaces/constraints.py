@@ -11,12 +11,13 @@ records the trial as pruned, not failed, and the sampler learns to avoid the reg
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from optuna import TrialPruned
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 from search.engine.recipe import MoERecipe, Recipe, as_stages
 
 from .model_info import ModelInfo
@@ -50,13 +51,14 @@ def output_params(recipe: Recipe, models: dict[str, ModelInfo]) -> int:
 
 def parse_count(value, where: str) -> int:
     """7000000, 7e6, '7M', '7.5B' -> an int."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return int(value)
+    count = value
     if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([KMBGT]?)\s*", value, re.IGNORECASE)
-        if m:
-            return int(float(m.group(1)) * _SUFFIX[m.group(2).upper()])
-    raise UserError(f"{where}: expected a positive count like 1500000000, 1.5e9 or 1.5B, got {value!r}")
+        count = float(m.group(1)) * _SUFFIX[m.group(2).upper()] if m else None
+    # at least 1, and neither NaN nor infinite ("1e999" reads as infinity)
+    if isinstance(count, (int, float)) and not isinstance(count, bool) and 1 <= count < math.inf:
+        return int(count)
+    raise UserError(f"{where}: expected a positive count like 1500000000, 1.5e9 or 1.5B, got {short(value)}")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Constraints:
         """Take max_layers / max_params out of a SpecReader."""
         max_layers = spec.take("max_layers", None)
         if max_layers is not None and (not isinstance(max_layers, int) or isinstance(max_layers, bool) or max_layers < 1):
-            spec.fail("max_layers", f"expected a positive integer, got {max_layers!r}")
+            spec.fail("max_layers", f"expected a positive integer, got {short(max_layers)}")
         max_params = spec.take("max_params", None)
         if max_params is not None:
             max_params = parse_count(max_params, spec.at("max_params"))
@@ -82,7 +84,7 @@ class Constraints:
         for name in names:
             if models[name].params_per_layer is None:
                 raise UserError(
-                    f"{where}.max_params: cannot count the parameters of {name!r} "
+                    f"{where}.max_params: cannot count the parameters of {short(name)} "
                     f"(model_type {models[name].model_type}); use max_layers instead"
                 )
 

@@ -4,7 +4,7 @@
       kind: expansion
       model: a                  # the model to expand
       placement: [end, every]   # end | every | after, or a list to search
-      count: [1, 8]             # end / after: how many new blocks (default [1, n/4])
+      count: [1, 8]             # end / after: how many new blocks (default [1, n/4]; at most 4n)
       every: [2, 8]             # every: a new block after every k-th layer (LLaMA Pro: 4)
       copy: previous            # each new block copies the layer it follows; or [0, d] to
                                 #   search how many layers further back each copy reaches
@@ -18,13 +18,16 @@ The recipe is a passthrough stack in the seeds' shape: runs of original layers
 as plain slices, each new block a one-layer slice with `scale` filters
 [{filter: o_proj, value: s}, {filter: down_proj, value: s}, {value: 1.0}].
 Params: `placement`, `count` or `every`, `after.<j>`, `copy.<j>`, `scale`.
+
+Default (the run's baseline): the model as it is, unexpanded.
 """
 
 from __future__ import annotations
 
+from search.engine.errors import short
 from search.engine.recipe import Conditional, InputSlice, MergeRecipe, OutputSlice
 
-from .base import Space, single
+from .base import Space, model_alone, single
 from .spec import IntKnob, NotInSpace, SpecReader
 
 PLACEMENTS = ("end", "every", "after")
@@ -37,7 +40,7 @@ class ExpansionSpace(Space):
         self.model = spec.model("model")
         info = self.models[self.model]
         if info.residual_outputs is None:
-            spec.fail("model", f"{self.model!r} is a {info.model_type} model, whose output projections are unknown; "
+            spec.fail("model", f"{short(self.model)} is a {info.model_type} model, whose output projections are unknown; "
                       "expand a llama, mistral, qwen2, gemma or phi model")
         self.residual_outputs = info.residual_outputs
         self.used_models = [self.model]
@@ -48,7 +51,8 @@ class ExpansionSpace(Space):
         for key, users in (("count", {"end", "after"}), ("every", {"every"})):
             if spec.has(key) and not placements & users:
                 spec.fail(key, f"only used by placement {' or '.join(sorted(users))}; remove it")
-        self.count = spec.int_knob("count", [1, max(1, n // 4)], bounds=(1, None))
+        # bounded, so that a typo (count: [1, 1000000]) is refused rather than sampled for hours
+        self.count = spec.int_knob("count", [1, max(1, n // 4)], bounds=(1, 4 * n))
         self.every = spec.int_knob("every", [min(2, n), n], bounds=(1, n))
         self.after = IntKnob(0, n - 1)
         if spec.data.get("copy", "previous") == "previous":
@@ -58,6 +62,10 @@ class ExpansionSpace(Space):
             self.copy_back = spec.int_knob("copy", None, bounds=(0, n - 1))
         self.scale = spec.float_knob("scale", 0.0)
         self.read_output_options(spec)
+
+    def defaults(self) -> dict[str, MergeRecipe]:
+        """The model as it is: what an expansion has to beat."""
+        return {f"{self.model} alone": model_alone(self.model, self.n, **self.output_options())}
 
     def output_info(self):
         info = self.models[self.model]
@@ -116,7 +124,7 @@ class ExpansionSpace(Space):
         positions, backs, scales, done = [], [], [], 0
         for i, s in enumerate(recipe.slices):
             if len(s.sources) != 1 or s.sources[0].model != self.model:
-                raise NotInSpace(f"slices[{i}] is not one slice of {self.model!r}")
+                raise NotInSpace(f"slices[{i}] is not one slice of {short(self.model)}")
             src = s.sources[0]
             start, end = src.layer_range
             scale = (src.parameters or {}).get("scale")
@@ -138,7 +146,9 @@ class ExpansionSpace(Space):
         if scales:
             self.scale.put(common, "scale", scales[0])
         if self.copy_back is not None:
-            for j, back in enumerate(backs):
+            for j, (back, after) in enumerate(zip(backs, positions)):
+                if back == after:  # a copy of layer 0: any reach of `after` or more stops there
+                    back = max(back, self.copy_back.low)
                 self.copy_back.put(common, f"copy.{j}", back)
 
         candidates, reasons = [], []

@@ -15,7 +15,7 @@
                                 # slices alternate over the models; a last [n-w, n] closes the stack
 
     # mode free: any sequence of (model, start, end)
-      slices: [1, 8]            # how many slices
+      slices: [1, 8]            # how many slices (at most 4x the deepest model's layers)
       length: [1, 32]           # layers per slice; a slice ends at the model's last layer at most
       max_layers: 48            # the bound on total layers (a constraint: longer stacks are pruned)
 
@@ -23,13 +23,16 @@ Params: dus `m`; interleave `width`, `stride`; free `slices`, then per slice i
 `slice.<i>.model` (when several models), `slice.<i>.start`, `slice.<i>.length`.
 With models of different depths, start and length are asked per model
 (`slice.<i>.<model>.start`, ...), each in that model's own range.
+
+Defaults (the run's baselines): each model as it is, all its layers in order.
 """
 
 from __future__ import annotations
 
+from search.engine.errors import short
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
 
-from .base import Space, listed, single
+from .base import Space, listed, model_alone, single
 from .spec import ChoiceKnob, IntKnob, NotInSpace, SpecReader
 
 MODES = ("dus", "interleave", "free")
@@ -53,7 +56,7 @@ class LayoutSpace(Space):
     def read(self, spec: SpecReader) -> None:
         self.mode = spec.string("mode")
         if self.mode not in MODES:
-            spec.fail("mode", f"{self.mode!r} is not one of {', '.join(MODES)}")
+            spec.fail("mode", f"{short(self.mode)} is not one of {', '.join(MODES)}")
         self.sources = spec.model_list("models", min_count=1, max_count=2 if self.mode == "dus" else None)
         self.check_same_family(spec, listed("models", self.sources))
         self.used_models = list(self.sources)
@@ -71,7 +74,8 @@ class LayoutSpace(Space):
             self.width = spec.int_knob("width", [min(2, n), max(min(2, n), n // 2)], bounds=(1, n))
             self.stride = spec.int_knob("stride", [1, self.width.high], bounds=(1, n))
         else:
-            self.count = spec.int_knob("slices", [1, 8], bounds=(1, None))
+            # bounded, so that a typo (slices: [1, 1000000]) is refused rather than sampled for hours
+            self.count = spec.int_knob("slices", [1, 8], bounds=(1, max(8, 4 * deepest)))
             self.length = spec.int_knob("length", [1, deepest], bounds=(1, deepest))
             self.model_choice = ChoiceKnob(tuple(self.sources))
             self.per_model = shallowest != deepest
@@ -81,6 +85,10 @@ class LayoutSpace(Space):
                 m: IntKnob(min(self.length.low, n), min(self.length.high, n)) for m, n in self.depth.items()
             }
         self.read_output_options(spec)
+
+    def defaults(self) -> dict[str, MergeRecipe]:
+        """Each model as it is: what a layout has to beat."""
+        return {f"{m} alone": model_alone(m, self.depth[m], **self.output_options()) for m in self.sources}
 
     def output_info(self):
         first = self.models[self.sources[0]]

@@ -22,12 +22,16 @@ expert's pool is kept or not (`prompt.<model>.<i>`: true/false); keeping none
 means the whole pool. A candidate with fewer experts than experts_per_token is
 pruned. Params: `gate_mode`, `experts_per_token`, `experts`, `expert.<model>`
 (unless every model is always an expert), `prompt.<model>.<i>`.
+
+Default (the run's baseline): every model an expert with all its prompts, the first
+gate mode listed, and the lowest experts_per_token.
 """
 
 from __future__ import annotations
 
 from optuna import TrialPruned
 
+from search.engine.errors import short
 from search.engine.recipe import Expert, MoERecipe
 
 from .base import MERGE_DTYPES, Space, listed, single
@@ -46,7 +50,7 @@ class MoESpace(Space):
     def read(self, spec: SpecReader) -> None:
         self.base = spec.model("base")
         if self.models[self.base].model_type not in ("llama", "mistral"):
-            spec.fail("base", f"{self.base!r} is a {self.models[self.base].model_type} model; "
+            spec.fail("base", f"{short(self.base)} is a {self.models[self.base].model_type} model; "
                       "MoE assembly builds a Mixtral from a llama or mistral base")
         self.pool = spec.model_list("models", min_count=1)
         self.check_same_shape(spec, [("base", self.base)] + listed("models", self.pool))
@@ -75,7 +79,15 @@ class MoESpace(Space):
         self.pick_prompts = spec.boolean("pick_prompts", True)
         self.dtype = spec.string("dtype", None)
         if self.dtype is not None and self.dtype not in MERGE_DTYPES:
-            spec.fail("dtype", f"{self.dtype!r} is not one of {', '.join(MERGE_DTYPES)}")
+            spec.fail("dtype", f"{short(self.dtype)} is not one of {', '.join(MERGE_DTYPES)}")
+
+    def defaults(self) -> dict[str, MoERecipe]:
+        """Every model an expert with all its prompts, the first gate mode, the lowest experts_per_token."""
+        gate = self.gate_mode.choices[0]
+        experts = [Expert(source_model=m, positive_prompts=list(self.prompts[m]) if gate in NEEDS_PROMPTS else None)
+                   for m in self.pool]
+        return {"all experts": MoERecipe(base_model=self.base, experts=experts, gate_mode=gate,
+                                         experts_per_token=self.per_token.low, dtype=self.dtype)}
 
     def _all_experts(self) -> bool:
         return self.num_experts.low == len(self.pool)
@@ -122,7 +134,7 @@ class MoESpace(Space):
         chosen = [e.source_model for e in recipe.experts]
         for model in chosen:
             if model not in self.pool:
-                raise NotInSpace(f"expert {model!r} is not one of the space's models {self.pool}")
+                raise NotInSpace(f"expert {short(model)} is not one of the space's models {self.pool}")
         if not self._all_experts():
             self.num_experts.put(params, "experts", len(chosen))
             for model in self.pool:

@@ -15,10 +15,13 @@ A curve of k anchors is mergekit's gradient list: anchor j sits at depth j/(k-1)
 layers in between interpolate; one anchor is written as a plain number. With
 k = the number of layers each layer gets its own t. Params: `t.<filter>.<j>`,
 `t.rest.<j>`.
+
+Default (the run's baseline): slerp halfway, t = 0.5 on every tensor.
 """
 
 from __future__ import annotations
 
+from search.engine.errors import short
 from search.engine.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
@@ -34,14 +37,14 @@ class SlerpSpace(Space):
         self.pair = spec.model_list("models", min_count=2, max_count=2)
         self.base = spec.model("base", self.pair[0])
         if self.base not in self.pair:
-            spec.fail("base", f"{self.base!r} must be one of models {self.pair} (slerp starts from one of the two)")
+            spec.fail("base", f"{short(self.base)} must be one of models {self.pair} (slerp starts from one of the two)")
         self.check_same_shape(spec, listed("models", self.pair))
         self.used_models = list(self.pair)
         self.num_layers = self.models[self.pair[0]].num_layers
 
         filters = spec.take("filters", ["self_attn", "mlp"])
         if not isinstance(filters, list) or not all(isinstance(f, str) and f for f in filters):
-            spec.fail("filters", f"expected a list of tensor-name substrings like [self_attn, mlp], got {filters!r}")
+            spec.fail("filters", f"expected a list of tensor-name substrings like [self_attn, mlp], got {short(filters)}")
         if REST in filters or len(set(filters)) != len(filters):
             spec.fail("filters", f"must be distinct and not {REST!r} (the rest always gets its own curve)")
         self.filters = list(filters)
@@ -49,7 +52,7 @@ class SlerpSpace(Space):
         self.t = spec.float_knob("t", [0.0, 1.0], bounds=(0.0, 1.0))
         self.form = spec.string("form", "models")
         if self.form not in ("models", "slices"):
-            spec.fail("form", f"{self.form!r} is not models or slices")
+            spec.fail("form", f"{short(self.form)} is not models or slices")
         self.read_output_options(spec)
 
     def _read_anchors(self, spec: SpecReader) -> dict[str, int]:
@@ -57,7 +60,7 @@ class SlerpSpace(Space):
             if value == "per_layer":
                 return self.num_layers
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= self.num_layers:
-                spec.fail(where, f"expected per_layer or a count in [1, {self.num_layers}], got {value!r}")
+                spec.fail(where, f"expected per_layer or a count in [1, {self.num_layers}], got {short(value)}")
             return value
 
         value = spec.take("anchors", 5)
@@ -71,6 +74,12 @@ class SlerpSpace(Space):
 
     def output_info(self):
         return self.models[self.base]
+
+    def defaults(self) -> dict[str, MergeRecipe]:
+        """Slerp halfway, t = 0.5 on every tensor."""
+        return {"slerp t=0.5": MergeRecipe(
+            merge_method="slerp", base_model=self.base, parameters={"t": 0.5},
+            models=[InputModel(model=m) for m in self.pair], **self.output_options())}
 
     def build(self, trial) -> MergeRecipe:
         t = []
@@ -90,7 +99,7 @@ class SlerpSpace(Space):
     def propose_params(self, recipe) -> list[dict]:
         recipe = single(recipe)
         if not isinstance(recipe, MergeRecipe) or recipe.merge_method != "slerp":
-            raise NotInSpace(f"merge_method is {getattr(recipe, 'merge_method', 'moe')!r}, not slerp")
+            raise NotInSpace(f"merge_method is {short(getattr(recipe, 'merge_method', 'moe'))}, not slerp")
         t = (recipe.parameters or {}).get("t")
         curves = self.filters + [REST]
         if not isinstance(t, list) or len(t) != len(curves) or not all(isinstance(c, Conditional) for c in t):
@@ -98,7 +107,7 @@ class SlerpSpace(Space):
         params: dict = {}
         for curve, cond in zip(curves, t):
             if cond.filter != (None if curve == REST else curve):
-                raise NotInSpace(f"parameters.t has filter {cond.filter!r} where the space has {curve!r}")
+                raise NotInSpace(f"parameters.t has filter {short(cond.filter)} where the space has {curve!r}")
             values = cond.value if isinstance(cond.value, list) else [cond.value]
             if len(values) != self.anchors[curve]:
                 raise NotInSpace(f"the {curve} curve has {len(values)} anchors; the space has {self.anchors[curve]}")

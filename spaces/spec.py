@@ -8,10 +8,11 @@ A fixed knob asks nothing of the trial, so it never appears in the study's param
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from search.engine.errors import UserError
+from search.engine.errors import UserError, short
 
 from .model_info import ModelInfo
 
@@ -23,7 +24,13 @@ class NotInSpace(Exception):
 
 
 def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite int or float: NaN, infinities and ints beyond a float's range are not numbers here."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class FloatKnob:
     def put(self, params: dict, name: str, value: Any) -> None:
         """Record in `params` what makes `suggest` return `value` (exactly)."""
         if not _is_number(value):
-            raise NotInSpace(f"{name} is {value!r}, not a number")
+            raise NotInSpace(f"{name} is {short(value)}, not a number")
         if not self.low <= value <= self.high:
             raise NotInSpace(f"{name} = {value} is outside the space's range [{self.low}, {self.high}]")
         if not self.fixed:
@@ -62,7 +69,7 @@ class IntKnob:
 
     def put(self, params: dict, name: str, value: Any) -> None:
         if not isinstance(value, int) or isinstance(value, bool):
-            raise NotInSpace(f"{name} is {value!r}, not an integer")
+            raise NotInSpace(f"{name} is {short(value)}, not an integer")
         if not self.low <= value <= self.high:
             raise NotInSpace(f"{name} = {value} is outside the space's range [{self.low}, {self.high}]")
         if not self.fixed:
@@ -83,7 +90,7 @@ class ChoiceKnob:
     def put(self, params: dict, name: str, value: Any) -> None:
         # `1 == True` in Python: compare types too, so a bool choice never matches an int.
         if not any(value == c and type(value) is type(c) for c in self.choices):
-            raise NotInSpace(f"{name} is {value!r}, not one of the space's choices {list(self.choices)}")
+            raise NotInSpace(f"{name} is {short(value)}, not one of the space's choices {list(self.choices)}")
         if not self.fixed:
             params[name] = value
 
@@ -100,7 +107,9 @@ class SpecReader:
         self.known: list[str] = []
 
     def at(self, key: str) -> str:
-        return f"{self.where}.{key}"
+        # a key of the user's spec (a typo, a model name under prompts:) is quoted and cut when odd or long
+        plain = isinstance(key, str) and key.isprintable() and 0 < len(key) <= 60
+        return f"{self.where}.{key if plain else short(key)}"
 
     def has(self, key: str) -> bool:
         return key in self.data
@@ -123,9 +132,9 @@ class SpecReader:
     # ---- typed values -------------------------------------------------------
 
     def _model_name(self, value: Any, where: str) -> str:
-        if value not in self.models:
+        if not isinstance(value, str) or value not in self.models:
             names = ", ".join(self.models)
-            raise UserError(f"{where}: {value!r} is not one of the run's models ({names}); use one of those names")
+            raise UserError(f"{where}: {short(value)} is not one of the run's models ({names}); use one of those names")
         reason = getattr(self.models[value], "unusable_reason", None)
         if reason:
             raise UserError(f"{where}: {reason}")
@@ -154,13 +163,13 @@ class SpecReader:
     def string(self, key: str, default: Any = _MISSING) -> str | None:
         value = self.take(key, default)
         if value is not None and not isinstance(value, str):
-            self.fail(key, f"expected a string, got {value!r}")
+            self.fail(key, f"expected a string, got {short(value)}")
         return value
 
     def boolean(self, key: str, default: bool) -> bool:
         value = self.take(key, default)
         if not isinstance(value, bool):
-            self.fail(key, f"expected true or false, got {value!r}")
+            self.fail(key, f"expected true or false, got {short(value)}")
         return value
 
     def _pair(self, key: str, value: Any, is_ok, kind: str) -> tuple:
@@ -168,12 +177,14 @@ class SpecReader:
             return value, value
         if isinstance(value, list) and len(value) == 2 and all(is_ok(v) for v in value):
             if value[0] > value[1]:
-                self.fail(key, f"range [{value[0]}, {value[1]}] is reversed; write [low, high]")
+                self.fail(key, f"range [{short(value[0])}, {short(value[1])}] is reversed; write [low, high]")
             return value[0], value[1]
-        self.fail(key, f"expected {kind} or a range [low, high], got {value!r}")
+        self.fail(key, f"expected {kind} or a range [low, high], got {short(value)}")
 
     def float_knob(self, key: str, default: Any, bounds: tuple[float | None, float | None] = (None, None)) -> FloatKnob:
         low, high = self._pair(key, self.take(key, default), _is_number, "a number")
+        if not math.isfinite(high - low):  # a sampler cannot draw from a range wider than a float
+            self.fail(key, f"range [{low}, {high}] is too wide; narrow it")
         self._within(key, low, high, bounds)
         return FloatKnob(float(low), float(high))
 
@@ -188,7 +199,7 @@ class SpecReader:
         if (lo is not None and low < lo) or (hi is not None and high > hi):
             lo_s = "-inf" if lo is None else lo
             hi_s = "inf" if hi is None else hi
-            self.fail(key, f"[{low}, {high}] goes outside the allowed [{lo_s}, {hi_s}]; narrow it")
+            self.fail(key, f"[{short(low)}, {short(high)}] goes outside the allowed [{lo_s}, {hi_s}]; narrow it")
 
     def choice_knob(self, key: str, allowed: tuple, default: Any) -> ChoiceKnob:
         value = self.take(key, default)
@@ -197,7 +208,7 @@ class SpecReader:
             self.fail(key, f"is empty; give one of {list(allowed)} or a list of them")
         for v in values:
             if not any(v == a and type(v) is type(a) for a in allowed):
-                self.fail(key, f"{v!r} is not one of {list(allowed)}")
+                self.fail(key, f"{short(v)} is not one of {list(allowed)}")
         if len(set(map(repr, values))) != len(values):
             self.fail(key, "lists a choice twice; list each once")
         return ChoiceKnob(tuple(values))

@@ -18,10 +18,14 @@ Groups split the layers evenly: group g covers [g*n//G, (g+1)*n//G). In a slices
 recipe each slice lists the models (with their parameters) and then the base,
 as mergekit itself expands a `models:` recipe. Params: `method`, `weight.<model>`,
 `density.<model>` (with groups: `weight.<g>.<model>`), `normalize`, `lambda`.
+
+Defaults (the run's baselines): the linear average of the models, and TIES at weight 1,
+density 0.5 over the base.
 """
 
 from __future__ import annotations
 
+from search.engine.errors import short
 from search.engine.recipe import InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
@@ -42,7 +46,7 @@ class WeightsSpace(Space):
             spec.fail("base", "required by task_arithmetic, ties and dare; name the model the others were tuned from")
         self.base = spec.model("base") if spec.has("base") else spec.take("base", None)
         if self.base in self.merged:
-            spec.fail("base", f"{self.base!r} is also in models; list it only as base")
+            spec.fail("base", f"{short(self.base)} is also in models; list it only as base")
         everyone = ([self.base] if self.base else []) + self.merged
         self.check_same_shape(spec, ([("base", self.base)] if self.base else []) + listed("models", self.merged))
         self.used_models = everyone
@@ -54,7 +58,7 @@ class WeightsSpace(Space):
         if groups == "per_layer":
             groups = self.num_layers
         if not isinstance(groups, int) or isinstance(groups, bool) or not 1 <= groups <= self.num_layers:
-            spec.fail("groups", f"expected per_layer or a count in [1, {self.num_layers}], got {groups!r}")
+            spec.fail("groups", f"expected per_layer or a count in [1, {self.num_layers}], got {short(groups)}")
         self.groups = groups
         self.normalize = spec.choice_knob("normalize", (True, False), None) if spec.has("normalize") else None
         self.lam = spec.float_knob("lambda", None) if spec.has("lambda") else None
@@ -64,6 +68,19 @@ class WeightsSpace(Space):
 
     def output_info(self):
         return self.models[self.used_models[0]]
+
+    def defaults(self) -> dict[str, MergeRecipe]:
+        """The linear average of the models (weight 1 each, normalized) and, with a base, TIES at
+        weight 1 and density 0.5 (mergekit's usual settings), whatever methods the space searches."""
+        out = {"linear average": MergeRecipe(
+            merge_method="linear", models=[InputModel(model=m, parameters={"weight": 1.0}) for m in self.merged],
+            **self.output_options())}
+        if self.base:
+            out["ties w=1 d=0.5"] = MergeRecipe(
+                merge_method="ties", base_model=self.base,
+                models=[InputModel(model=m, parameters={"weight": 1.0, "density": 0.5}) for m in self.merged],
+                **self.output_options())
+        return out
 
     def group_range(self, g: int) -> tuple[int, int]:
         n, G = self.num_layers, self.groups
@@ -121,7 +138,7 @@ class WeightsSpace(Space):
         for g in range(self.groups):
             for m in self.merged:
                 if (g, m) not in found:
-                    raise NotInSpace(f"no parameters for model {m!r}" + (f" in slice {g}" if self.groups > 1 else ""))
+                    raise NotInSpace(f"no parameters for model {short(m)}" + (f" in slice {g}" if self.groups > 1 else ""))
                 p = found[(g, m)]
                 self.weight.put(params, self._name("weight", g, m), p.get("weight"))
                 if method in WITH_DENSITY:

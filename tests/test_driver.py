@@ -44,7 +44,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray found running
     yield
     ray.shutdown()
 
@@ -76,6 +76,7 @@ def write_run(folder: Path, name: str, zoo: Path, space: dict, fns: str, objecti
         "objectives": objectives,
         "workers": 1,
         "seed": 0,
+        "baselines": False,  # tests/test_baselines.py runs with them
         **spec,
     }
     path = folder / f"{name}.yaml"
@@ -132,8 +133,11 @@ def sweeps(zoo, tmp_path_factory) -> dict[str, Path]:
         result = run(spec, quiet=True)
         assert result.counts["complete"] >= 1, trials_of(spec.run_dir)
         run_dirs[kind] = spec.run_dir
-        best = spec.run_dir / "best.yaml"
-        command = best.read_text().splitlines()[1].split()[2]  # "# rebuild: mergekit-... best.yaml ..."
+        # best.yaml names the models publicly (here: by alias); mergekit reads this machine's folders
+        best = spec.run_dir / "best.local.yaml"
+        assert cli_main(["export", str(spec.run_dir), "--local-paths", str(best)]) == 0
+        rebuild = next(line for line in best.read_text().splitlines() if line.startswith("# rebuild: "))
+        command = rebuild.split()[2]  # "# rebuild: mergekit-... best.local.yaml ..."
         jobs.append((command, str(best), str(spec.run_dir / "rebuilt"), 0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-c", REBUILD, json.dumps(jobs)], capture_output=True, text=True, env=env)
@@ -201,7 +205,10 @@ def test_export_command_writes_a_trial_or_the_top_k(sweeps, tmp_path, capsys):
     written = recipes.load(tmp_path / "t2.yaml")[0]
     assert written.merge_method == stored.merge_method
     assert [m.parameters for m in written.models] == [m.parameters for m in stored.models]
-    assert all(Path(m.model).is_dir() for m in written.models)  # aliases became folders mergekit can read
+    assert {m.model for m in written.models} <= {"base", "fst", "nxt"}  # public names: here, the aliases
+    assert cli_main(["export", str(run_dir), "--trial", "2", "--local-paths", str(tmp_path / "t2.local.yaml")]) == 0
+    local = recipes.load(tmp_path / "t2.local.yaml")[0]
+    assert all(Path(m.model).is_dir() for m in local.models)  # aliases became folders mergekit can read
     assert cli_main(["export", str(run_dir), "--top", "3", str(tmp_path / "top")]) == 0
     assert len(list((tmp_path / "top").glob("trial-*.yaml"))) == 3
     assert cli_main(["export", str(run_dir), "--trial", "99"]) == 2
@@ -311,7 +318,9 @@ def test_several_objectives_make_a_pareto_front(zoo, tmp_path):
     assert not (spec.run_dir / "best.yaml").exists()
     for r in recs:  # no pruning in a multi-objective study: one stage, both objectives at once
         assert r["state"] == "COMPLETE" and list(r["stages"][0]["scores"]) == ["fingerprint", "layers"]
-    assert result.counts["complete"] == 8
+    # dus of one 8-layer model has 7 points (m = 1..7): each is built once, whatever the budget of 8
+    built = [r for r in recs if r["duplicate_of"] is None]
+    assert len(built) == len({r["recipe"] for r in built}) == result.counts["complete"] == 7
 
 
 # ---- recovery of a hidden target ----------------------------------------------------------

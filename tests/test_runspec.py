@@ -69,6 +69,23 @@ def test_command_line_overrides_win(folder):
     assert (spec.trials, spec.workers, spec.timeout) == (3, 2, None)
 
 
+def test_run_options_override_seed_sampler_pruner_and_name(folder):
+    import argparse
+
+    from search import run_command
+
+    parser = argparse.ArgumentParser()
+    run_command.add_arguments(parser)
+    path = write(folder, good())
+    args = parser.parse_args([str(path), "--seed", "7", "--sampler", "random", "--pruner", "none", "--name", "seed7"])
+    spec = load_spec(path, run_command.spec_overrides(args))
+    assert (spec.seed, spec.sampler_name, spec.pruner, spec.name) == (7, "random", "none", "seed7")
+    assert spec.run_dir == folder / "seed7"
+    args = parser.parse_args([str(path), "--pruner", "sometimes"])
+    with pytest.raises(UserError, match="pruner"):
+        load_spec(path, run_command.spec_overrides(args))
+
+
 def test_a_single_objective_mapping_is_a_list_of_one(folder):
     spec = load_spec(write(folder, good(objectives={"kind": "custom", "function": "scores.py:score"})))
     assert len(spec.objectives) == 1

@@ -615,3 +615,48 @@ def test_docstring_example_builds_and_samples(zoo, kind):
             continue
         assert loads(dump_stages(stages)) == stages
         study.tell(trial, 0.0)
+
+
+# ---- defaults: the merges a person would write by hand (the run's baselines) ------------
+
+DEFAULT_SPECS = {
+    "slerp": ({"kind": "slerp", "models": ["fst", "nxt"]}, ["slerp t=0.5"]),
+    "weights": ({"kind": "weights", "method": "dare_ties", "base": "base", "models": ["fst", "nxt", "cnt"]},
+                ["linear average", "ties w=1 d=0.5"]),
+    "weights-linear": ({"kind": "weights", "method": "linear", "models": ["fst", "nxt"]}, ["linear average"]),
+    "layout": ({"kind": "layout", "mode": "dus", "models": ["deep"]}, ["deep alone"]),
+    "expansion": ({"kind": "expansion", "model": "base"}, ["base alone"]),
+    "moe": ({"kind": "moe", "base": "base", "models": ["fst", "nxt"], "gate_mode": "random"}, ["all experts"]),
+    "compose": ({"kind": "compose", "stages": [{"name": "blend", "kind": "slerp", "models": ["fst", "nxt"]},
+                                                {"kind": "expansion", "model": "blend"}]},
+                ["blend: slerp t=0.5, then stage2: blend alone"]),
+}
+
+
+@pytest.mark.parametrize("case", list(DEFAULT_SPECS))
+def test_every_space_names_its_hand_written_defaults_as_valid_recipes(toy, case):
+    spec, names = DEFAULT_SPECS[case]
+    defaults = build_space(spec, toy).defaults()
+    assert list(defaults) == names
+    for recipe in defaults.values():
+        stages = as_stages(recipe)
+        assert loads(dump_stages(stages)) == stages  # what the worker reads back
+        if not isinstance(stages[0], MoERecipe):
+            schema = pytest.importorskip("mergekit.config").MergeConfiguration
+            for stage in stages:
+                schema.model_validate(to_dict(stage))
+
+
+def test_default_values_are_the_usual_hand_settings(toy):
+    slerp = build_space(DEFAULT_SPECS["slerp"][0], toy).defaults()["slerp t=0.5"]
+    assert slerp.parameters == {"t": 0.5} and slerp.base_model == "fst"
+    ties = build_space(DEFAULT_SPECS["weights"][0], toy).defaults()["ties w=1 d=0.5"]
+    assert ties.merge_method == "ties" and ties.base_model == "base"
+    assert [m.parameters for m in ties.models] == [{"weight": 1.0, "density": 0.5}] * 3
+    compose = build_space(DEFAULT_SPECS["compose"][0], toy).defaults()["blend: slerp t=0.5, then stage2: blend alone"]
+    assert [s.name for s in compose] == ["blend", None]
+    assert compose[1].slices[0].sources[0].model == "blend"
+    two_stage = {"kind": "compose", "stages": [{"name": "letters", "kind": "slerp", "models": ["fst", "nxt"]},
+                 {"kind": "weights", "method": "task_arithmetic", "base": "base", "models": ["letters", "cnt"]}]}
+    assert list(build_space(two_stage, toy).defaults()) == [
+        "letters: slerp t=0.5, then stage2: linear average", "letters: slerp t=0.5, then stage2: ties w=1 d=0.5"]

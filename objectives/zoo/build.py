@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from objectives.zoo import skills as zoo_skills
+from objectives.zoo.progress import step_progress
 from objectives.zoo.tasks import SPLITS, refresh_task_folder, task_name, write_task_folder
 from objectives.zoo.tokenizer import make_tokenizer
 from objectives.zoo.train import init_model, train
@@ -125,7 +126,9 @@ def _build(tmp: Path, final: Path, seed: int, scale: float, log: Callable[[str],
         recipe = scaled(BASE, scale)
         t = time.time()
         base = init_model(seed)
-        losses = train(base, lambda rng: zoo_skills.pretraining_example(rng, skills, reserved), seed=seed * 1000 + 2, **recipe)
+        with step_progress("zoo: base", recipe["steps"]) as step:
+            losses = train(base, lambda rng: zoo_skills.pretraining_example(rng, skills, reserved),
+                           seed=seed * 1000 + 2, on_step=step, **recipe)
         log(f"zoo: base          {recipe['steps']:5d} steps, final loss {sum(losses[-20:]) / len(losses[-20:]):.3f} ({time.time() - t:.0f} s)")
         _save(base, tokenizer, tmp / "base")
 
@@ -133,7 +136,9 @@ def _build(tmp: Path, final: Path, seed: int, scale: float, log: Callable[[str],
         for i, s in enumerate(skills):
             t = time.time()
             specialist = copy.deepcopy(base)
-            losses = train(specialist, lambda rng, s=s: zoo_skills.skill_example(rng, s, reserved), seed=seed * 1000 + 10 + i, **recipe)
+            with step_progress(f"zoo: specialist {s.name}", recipe["steps"]) as step:
+                losses = train(specialist, lambda rng, s=s: zoo_skills.skill_example(rng, s, reserved),
+                               seed=seed * 1000 + 10 + i, on_step=step, **recipe)
             log(f"zoo: specialist {s.name} {recipe['steps']:5d} steps, final loss {losses[-1]:.3f} ({time.time() - t:.0f} s)")
             _save(specialist, tokenizer, tmp / s.name)
     finally:

@@ -22,7 +22,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--scale: expected a positive number, got {args.scale}")
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads: expected a positive number, got {args.threads}")
-    manifest = build_zoo(args.dir, seed=args.seed, scale=args.scale, threads=args.threads)
+    try:
+        manifest = build_zoo(args.dir, seed=args.seed, scale=args.scale, threads=args.threads)
+    except OSError as e:  # the zoo is built in a folder beside DIR, so name DIR, not that folder
+        raise UserError(f"DIR {args.dir}: cannot write the zoo there ({e.strerror or e}); choose a folder you may write to") from None
     print("accuracy on each skill's test split (teacher-forced greedy exact match):")
     print(format_matrix(manifest["matrix"]))
     return 0

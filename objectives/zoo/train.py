@@ -69,8 +69,10 @@ def train(
     lr: float,
     warmup: int,
     seed: int,
+    on_step: Callable[[], None] = lambda: None,
 ) -> list[float]:
-    """AdamW with linear warm-up then cosine decay; returns the loss of every step."""
+    """AdamW with linear warm-up then cosine decay; returns the loss of every step. `on_step` is
+    called after each step (the progress display: objectives/zoo/progress.py)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -93,5 +95,6 @@ def train(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        on_step()
     model.eval()
     return losses

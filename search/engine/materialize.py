@@ -40,8 +40,11 @@ def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
             raise UserError(f"model {name}: mapped to {path}, which does not exist; fix the path in --model-map")
         return path
     path = Path(name).expanduser()
-    if path.is_dir():
-        return path
+    try:
+        if path.is_dir():
+            return path
+    except OSError:  # a name longer than the file system allows, say: there is no such folder
+        pass
     raise UserError(
         f"model {name}: neither mapped nor a local folder (no hub is reachable); "
         f"pass --model-map {name}=/path/to/folder or use a local path"

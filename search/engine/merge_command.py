@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from search.engine import output, recipe
-from search.engine.errors import UserError
+from search.engine import output, recipe, safe_yaml
+from search.engine.errors import UserError, short
 from search.engine.recipe import MoERecipe, Recipe
 
 
@@ -75,7 +75,7 @@ def parse_model_map(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--model-map {item!r}: expected NAME=PATH, e.g. --model-map liminerity/phive=./phive")
+            raise UserError(f"--model-map {short(item)}: expected NAME=PATH, e.g. --model-map liminerity/phive=./phive")
         mapping[name] = path
     return mapping
 
@@ -127,25 +127,49 @@ def _merge(args: argparse.Namespace) -> int:
 
     # Everything that can be checked without loading a model is checked first.
     recipe_path = Path(args.recipe)
+    if recipe_path.is_dir():
+        raise UserError(f"RECIPE.yml {args.recipe}: is a folder; give the recipe's YAML file")
     if not recipe_path.is_file():
         raise UserError(f"RECIPE.yml {args.recipe}: no such file; check the path")
-    recipe_text = recipe_path.read_text(encoding="utf-8")
+    recipe_text = safe_yaml.read_text(recipe_path, str(recipe_path))
     stages = recipe.loads(recipe_text, where=str(recipe_path))
     model_map = parse_model_map(args.model_map)
     out_dir = output.check_destination(args.out_dir, args.overwrite)
     shard_size = output.parse_size(args.out_shard_size)
+    build(stages, recipe_text, out_dir, model_map, device=args.device, seed=args.random_seed,
+          allow_pickle=args.allow_pickle, overwrite=args.overwrite, shard_size=shard_size, progress=progress)
+    print(out_dir)
+    return 0
 
+
+def build(
+    stages: list[Recipe],
+    recipe_text: str,
+    out_dir: Path,
+    model_map: dict[str, str],
+    *,
+    device: str = "cpu",
+    seed: int | None = None,
+    allow_pickle: bool = False,
+    overwrite: bool = False,
+    shard_size: int = output.parse_size("5B"),
+    progress=lambda message: None,
+    readme: str | None = None,
+) -> None:
+    """Build `stages` into the HF folder `out_dir`, which appears complete or not at all: the tensors,
+    config, tokenizer, `recipe_text` as mergekit names its config file, and `readme` as README.md (by
+    default the model card of the recipe). Model names resolve through `model_map`, else as folders."""
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
     from search.engine.materialize import Materializer, resolve_model_path
 
     models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
-    device = _check_device(args.device)
+    device = _check_device(device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
     # One build: a recipe `dtype:` is converted tensor by tensor, not kept as a copy of the sources.
-    materializer = Materializer(models, device, allow_pickle=args.allow_pickle, keep_converted=False)
+    materializer = Materializer(models, device, allow_pickle=allow_pickle, keep_converted=False)
     recipe_arg = stages if len(stages) > 1 else stages[0]
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
@@ -162,29 +186,27 @@ def _merge(args: argparse.Namespace) -> int:
     file_name = recipe_file_name(stages)
     files = {
         file_name: recipe_text,
-        "README.md": model_card(stages, recipe_text, name=out_dir.name, recipe_file=file_name),
+        "README.md": readme or model_card(stages, recipe_text, name=out_dir.name, recipe_file=file_name),
     }
     what = f"{len(stages)} stages" if len(stages) > 1 else _what(final)
-    with output.atomic_folder(out_dir, args.overwrite) as tmp:
+    with output.atomic_folder(out_dir, overwrite) as tmp:
         specs = _output_specs(plans[-1]) if device == "cpu" else None
         if specs is not None:
             # The shards are laid out first and memory-mapped; the merge is computed
             # straight into them (no copy of the model in memory, no write pass).
             with output.MappedShards(tmp, specs, shard_size) as shards:
                 progress(f"merging ({what}) into {', '.join(shards.file_names)}")
-                config, tensors = materializer.state_dict(recipe_arg, seed=args.random_seed, out=shards.tensors)
+                config, tensors = materializer.state_dict(recipe_arg, seed=seed, out=shards.tensors)
                 count, size = len(tensors), shards.total_size
                 del tensors  # views of the mapped files: let them close
         else:
             progress(f"merging ({what})")
-            config, tensors = materializer.state_dict(recipe_arg, seed=args.random_seed)
+            config, tensors = materializer.state_dict(recipe_arg, seed=seed)
             output.write_tensors(tmp, tensors, shard_size, progress)
             count, size = len(tensors), sum(t.numel() * t.element_size() for t in tensors.values())
             del tensors
         output.write_beside_tensors(tmp, config, tokenizer, files, progress)
     progress(f"done: {count} tensors, {size / 1e9:.2f} GB")
-    print(out_dir)
-    return 0
 
 
 def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:

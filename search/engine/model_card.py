@@ -74,24 +74,40 @@ def _describe(stage: Recipe, stage_names: set[str]) -> str:
     return _describe_moe(stage) if isinstance(stage, MoERecipe) else _describe_merge(stage, stage_names)
 
 
-def _rebuild_command(stages: list[Recipe], recipe_file: str) -> str:
+def _rebuild_command(stages: list[Recipe], recipe_file: str, seed: int | None = None) -> str:
+    seed_arg = f" --random-seed {seed}" if seed is not None else ""  # DARE and random gates draw from it
     if len(stages) > 1:
-        return f"mergekit-multi {recipe_file} --intermediate-dir ./intermediates --out-path ./merged"
+        return f"mergekit-multi {recipe_file} --intermediate-dir ./intermediates --out-path ./merged{seed_arg}"
     if isinstance(stages[0], MoERecipe):
-        return f"mergekit-moe {recipe_file} ./merged"
-    return f"mergekit-yaml {recipe_file} ./merged"
+        return f"mergekit-moe {recipe_file} ./merged{seed_arg}"
+    return f"mergekit-yaml {recipe_file} ./merged{seed_arg}"
 
 
-def model_card(stages: list[Recipe], recipe_text: str, name: str, recipe_file: str = "mergekit_config.yml") -> str:
-    """The README.md text for a model built from `stages` (a single recipe is one stage)."""
+def model_card(
+    stages: list[Recipe],
+    recipe_text: str,
+    name: str,
+    recipe_file: str = "mergekit_config.yml",
+    *,
+    found_by: str = "",
+    base_models: list[str] | None = None,
+    extra: str = "",
+    seed: int | None = None,
+) -> str:
+    """The README.md text for a model built from `stages` (a single recipe is one stage).
+
+    `found_by` (a sentence on how the recipe was found) and `extra` (markdown sections after the
+    recipe) are what a search adds; `base_models` replaces the hub-like source names in the metadata;
+    `seed` goes into the rebuild command (DARE and random gates draw from it).
+    """
     stage_names = {s.name for s in stages if s.name}
     sources = [n for s in stages for n in s.referenced_models() if n not in stage_names]
     sources = list(dict.fromkeys(sources))
     front = yaml.safe_dump(
         {
-            "base_model": [n for n in sources if is_hub_name(n)],
+            "base_model": base_models if base_models is not None else [n for n in sources if is_hub_name(n)],
             "library_name": "transformers",
-            "tags": ["mergekit", "merge", "mergesearch"],
+            "tags": ["merge", "mergekit", "mergesearch"],
         },
         sort_keys=False,
     )
@@ -103,13 +119,16 @@ def model_card(stages: list[Recipe], recipe_text: str, name: str, recipe_file: s
             title = stage.name or "final"
             parts.append(f"#### Stage {i + 1}: {title}\n\n{_describe(stage, stage_names)}")
         details = "\n\n".join(parts)
+    found_by = f" {found_by.strip()}" if found_by else ""
+    extra = f"\n{extra.strip()}\n" if extra else ""
     return f"""---
 {front.rstrip()}
+# license: fill in before publishing; the licenses of the merged models apply
 ---
 # {name}
 
 This is a merge of pre-trained language models made with [mergesearch]({MERGESEARCH_URL}),
-which builds a [mergekit](https://github.com/arcee-ai/mergekit) recipe exactly as mergekit 0.1.5 does.
+which builds a [mergekit](https://github.com/arcee-ai/mergekit) recipe exactly as mergekit 0.1.5 does.{found_by}
 
 ## Merge details
 
@@ -126,6 +145,6 @@ The following mergekit configuration produced this model:
 Rebuild it with mergekit (model names as written above):
 
 ```sh
-{_rebuild_command(stages, recipe_file)}
+{_rebuild_command(stages, recipe_file, seed)}
 ```
-"""
+{extra}"""

@@ -133,9 +133,17 @@ def _as_slices(recipe: MergeRecipe, info: Callable[[str], ModelInfo]) -> list[Ou
     for i, n in enumerate(names):
         if n in names[:i]:
             raise UserError(f"models[{i}].model: {n} is listed twice; list each model once")
-    sources = [InputSlice(model=m.model, layer_range=(0, info(m.model).num_layers), parameters=m.parameters) for m in recipe.models]
+    depths = {n: info(n).num_layers for n in [*names, *([recipe.base_model] if recipe.base_model else [])]}
+    first = names[0]
+    other = next((n for n, d in depths.items() if d != depths[first]), None)
+    if other is not None:
+        raise UserError(
+            f"models: {first} has {depths[first]} layers and {other} has {depths[other]}; a `models:` merge needs "
+            "models of one depth (pick layer ranges of one length with `slices:`)"
+        )
+    sources = [InputSlice(model=m.model, layer_range=(0, depths[m.model]), parameters=m.parameters) for m in recipe.models]
     if recipe.base_model and recipe.base_model not in names:
-        sources.append(InputSlice(model=recipe.base_model, layer_range=(0, info(recipe.base_model).num_layers)))
+        sources.append(InputSlice(model=recipe.base_model, layer_range=(0, depths[recipe.base_model])))
     return [OutputSlice(sources=sources)]
 
 

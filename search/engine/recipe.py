@@ -14,14 +14,25 @@ Three shapes, as mergekit reads them:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
 
-from search.engine.errors import UserError
+from search.engine import safe_yaml
+from search.engine.errors import UserError, short
 
 Scalar = Union[bool, int, float, str]
+
+
+def _one_line_name(value: str) -> str:
+    if not value or not value.isprintable():
+        raise ValueError(f"{short(value)} is not a usable name; write it on one line, without control characters")
+    return value
+
+
+# A model or stage name (a hub id, a path, a stage's `name:`): error messages quote it, so one printable line.
+Name = Annotated[str, AfterValidator(_one_line_name)]
 ScalarOrGradient = Union[Scalar, list[Scalar]]
 
 
@@ -46,12 +57,12 @@ Parameters = dict[str, ParameterSetting]
 
 
 class InputModel(_Strict):
-    model: str
+    model: Name
     parameters: Optional[Parameters] = None
 
 
 class InputSlice(_Strict):
-    model: str
+    model: Name
     layer_range: tuple[int, int]
     parameters: Optional[Parameters] = None
 
@@ -65,7 +76,7 @@ class InputSlice(_Strict):
 
 class OutputSlice(_Strict):
     sources: list[InputSlice]
-    base_model: Optional[str] = None
+    base_model: Optional[Name] = None
     residual_weight: Optional[float] = None
     parameters: Optional[Parameters] = None
 
@@ -87,15 +98,15 @@ class OutputSlice(_Strict):
 class MergeRecipe(_Strict):
     """A mergekit-yaml config."""
 
-    name: Optional[str] = None  # set on intermediate stages of a multi-stage file
+    name: Optional[Name] = None  # set on intermediate stages of a multi-stage file
     merge_method: str
     slices: Optional[list[OutputSlice]] = None
     models: Optional[list[InputModel]] = None
-    base_model: Optional[str] = None
+    base_model: Optional[Name] = None
     parameters: Optional[Parameters] = None
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
-    tokenizer_source: Optional[str] = None
+    tokenizer_source: Optional[Name] = None
     tokenizer: Optional[dict[str, Any]] = None
     chat_template: Optional[str] = None
 
@@ -120,7 +131,7 @@ class MergeRecipe(_Strict):
 
 
 class Expert(_Strict):
-    source_model: str
+    source_model: Name
     positive_prompts: Optional[list[str]] = None
     negative_prompts: Optional[list[str]] = None
     noise_scale: Optional[float] = None
@@ -134,8 +145,8 @@ GateMode = Literal["hidden", "cheap_embed", "random", "uniform_random", "hidden_
 class MoERecipe(_Strict):
     """A mergekit-moe config (recognised by its `experts:`)."""
 
-    name: Optional[str] = None
-    base_model: str
+    name: Optional[Name] = None
+    base_model: Name
     experts: list[Expert]
     gate_mode: GateMode = "hidden"
     dtype: Optional[str] = None
@@ -206,10 +217,11 @@ def _where(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("function-after[_one_input_form()]",) or "[" in str(part) or str(part)[0].isupper():
+        elif part in ("function-after[_one_input_form()]",) or "[" in str(part) or str(part)[:1].isupper():
             continue  # pydantic's names for union branches, not fields of the user's file
         else:
-            out += ("." if out else "") + str(part)
+            key = str(part)  # a key of the user's file: quoted when empty or unprintable (keeps one line)
+            out += ("." if out else "") + (key if key.isprintable() and key.strip() == key and key else repr(key))
     return out or "(top level)"
 
 
@@ -240,11 +252,9 @@ def from_dict(data: Any, where: str = "recipe") -> Recipe:
 def loads(text: str, where: str = "recipe") -> list[Recipe]:
     """Every stage in a (possibly multi-document) YAML text, in file order."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{where}: malformed YAML{at}: {getattr(e, 'problem', e)}; fix the syntax") from None
+        docs = [d for d in safe_yaml.load_all(text, where) if d is not None]
+    except UserError as e:
+        raise RecipeError(str(e)) from None
     if not docs:
         raise RecipeError(f"{where}: the file is empty; write a mergekit config in it")
     stages = [from_dict(d, where if len(docs) == 1 else f"{where} (document {i + 1})") for i, d in enumerate(docs)]
@@ -256,7 +266,11 @@ def load(path: str | Path) -> list[Recipe]:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such recipe file; check the path")
-    return loads(path.read_text(), where=str(path))
+    try:
+        text = safe_yaml.read_text(path, str(path))
+    except UserError as e:
+        raise RecipeError(str(e)) from None
+    return loads(text, where=str(path))
 
 
 def check_stage_names(stages: list[Recipe], where: str = "recipe") -> None:

@@ -7,11 +7,12 @@ code when it is loaded, so it needs `allow_pickle=True`.
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from search.engine.errors import UserError
@@ -90,17 +91,28 @@ def read_config(name: str, path: Path) -> dict:
         raise UserError(f"model {name}: {path} does not exist; check the path or --model-map")
     if not cfg.is_file():
         raise UserError(f"model {name}: {path} has no config.json; point it at a Hugging Face model folder")
+    return _read_json(name, cfg)
+
+
+def _read_json(name: str, path: Path) -> dict:
     try:
-        return json.loads(cfg.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"model {name}: {cfg} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+        raise UserError(f"model {name}: {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
+    except UnicodeDecodeError:
+        raise UserError(f"model {name}: {path} is not UTF-8 text; re-download or re-save the model") from None
+
+
+def _unreadable(name: str, file: Path, e: Exception) -> UserError:
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"model {name}: {file} is not a readable safetensors file ({reason}); re-download or re-save it")
 
 
 def safetensors_files(name: str, path: Path, allow_pickle: bool = False) -> list[Path]:
     """The weight files of a folder; UserError when there are none or only pickles."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = _read_json(name, index).get("weight_map", {})
         files = sorted({path / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -127,23 +139,35 @@ def read_tensor_infos(name: str, path: Path, allow_pickle: bool = False) -> dict
     """Names, shapes and dtypes from the safetensors headers, without reading any tensor."""
     files = safetensors_files(name, path, allow_pickle)
     if not files:  # a pickle the caller allowed: no header to read, so load it
-        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in _load_pickles(path).items()}
+        return {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in _load_pickles(name, path).items()}
     infos = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                sl = st.get_slice(key)
-                infos[key] = TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
+        try:
+            with safe_open(f, framework="pt") as st:
+                for key in st.keys():
+                    sl = st.get_slice(key)
+                    infos[key] = TensorInfo(tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype(), torch.float32))
+        except SafetensorError as e:
+            raise _unreadable(name, f, e) from None
     return infos
 
 
-def _load_pickles(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickles(name: str, path: Path) -> dict[str, torch.Tensor]:
     index = path / "pytorch_model.bin.index.json"
-    files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() else []
+    files = sorted({path / f for f in _read_json(name, index).get("weight_map", {}).values()}) if index.is_file() else []
     files = files or [path / p for p in _PICKLE_FILES if (path / p).is_file() and p.endswith((".bin", ".pt", ".pth"))]
     out = {}
     for f in files:
-        out.update(torch.load(f, map_location="cpu", weights_only=True))
+        try:
+            # weights_only: torch unpickles tensors and plain containers, and refuses anything else
+            out.update(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError:
+            raise UserError(
+                f"model {name}: {f} was refused as unsafe: it holds objects other than tensors, which "
+                "weights-only loading does not unpickle; convert it to safetensors from a copy you trust"
+            ) from None
+        except (RuntimeError, EOFError, KeyError, ValueError) as e:  # truncated or not a checkpoint at all
+            raise UserError(f"model {name}: {f} is not a readable checkpoint ({type(e).__name__}); re-download it") from None
     return out
 
 
@@ -154,7 +178,10 @@ def load_source(name: str, path: Path, device: str = "cpu", allow_pickle: bool =
     tensors: dict[str, torch.Tensor] = {}
     if files:
         for f in files:
-            tensors.update(load_file(f, device=device))
+            try:
+                tensors.update(load_file(f, device=device))
+            except SafetensorError as e:
+                raise _unreadable(name, f, e) from None
     else:
-        tensors = {k: v.to(device) for k, v in _load_pickles(path).items()}
+        tensors = {k: v.to(device) for k, v in _load_pickles(name, path).items()}
     return SourceModel(name=name, path=path, config=config, tensors=tensors)

@@ -1,0 +1,94 @@
+"""The run's model files, checked on the driver before Ray starts or the study exists.
+
+Only the safetensors headers are read (a few KB per file, no tensor), so a broken
+download or a pickle-only folder is one line at once instead of a failure in every
+trial. Workers load the same files later through search/engine/sources.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from search.engine.errors import UserError
+from search.engine.sources import safetensors_files
+
+# safetensors refuses headers above 100 MB; a larger length field is a garbage or hostile file
+MAX_HEADER_BYTES = 100_000_000
+
+
+def check_models(models: dict[str, str], used: list[str], allow_pickle: bool) -> None:
+    """Every model the space merges has readable weight files, and tensors of one name agree in shape."""
+    seen: dict[str, tuple[tuple[int, ...], str, Path]] = {}  # tensor -> (shape, alias, file) of its first model
+    for alias in used:
+        for name, (shape, file) in model_shapes(alias, Path(models[alias]), allow_pickle).items():
+            first = seen.setdefault(name, (shape, alias, file))
+            if first[0] != shape:
+                raise UserError(
+                    f"models.{alias}: {file}: tensor {name} has shape {list(shape)} but models.{first[1]} has "
+                    f"{list(first[0])} ({first[2]}); the space merges them, so use models of the same size"
+                )
+
+
+def model_shapes(alias: str, folder: Path, allow_pickle: bool) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """tensor -> (shape, file) from the folder's safetensors headers; {} for an allowed pickle checkpoint."""
+    try:
+        files = safetensors_files(alias, folder, allow_pickle=True)
+    except UserError as e:  # the engine names the model its own way: name it as the spec does
+        raise UserError(f"models.{alias}: {str(e).removeprefix(f'model {alias}: ')}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"models.{alias}: {folder / 'model.safetensors.index.json'} is not valid JSON; "
+                        "re-download the model") from None
+    if not files:
+        if allow_pickle:
+            return {}  # no header to read without unpickling; the workers load it
+        pickle = min(p for pattern in ("*.bin", "*.pt", "*.pth") for p in folder.glob(pattern))
+        raise UserError(
+            f"models.{alias}: {pickle} is a pickle checkpoint, which can run code when loaded, and the folder has "
+            "no safetensors; convert it to safetensors, or add `allow_pickle: true` to the run spec if you trust it"
+        )
+    shapes = {}
+    for file in files:
+        shapes.update({name: (shape, file) for name, shape in read_header(alias, file).items()})
+    return shapes
+
+
+def read_header(alias: str, file: Path) -> dict[str, tuple[int, ...]]:
+    """tensor -> shape from one safetensors header; UserError if the file is not whole safetensors."""
+
+    def bad(what: str) -> UserError:
+        return UserError(f"models.{alias}: {file}: {what}; re-download or re-save the model")
+
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise bad(f"{size} bytes is too short for a safetensors file")
+        length = int.from_bytes(prefix, "little")
+        if length > min(MAX_HEADER_BYTES, size - 8):
+            raise bad(f"not a safetensors file (its header length field says {length} bytes, the file has {size})")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise bad("not a safetensors file (its header is not JSON)")
+    shapes, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (_ints(shape) and _ints(offsets) and len(offsets) == 2):
+            raise bad(f"not a safetensors file (tensor {name!r} has no shape or data_offsets)")
+        shapes[name] = tuple(shape)
+        end = max(end, offsets[1])
+    data = size - 8 - length
+    if end > data:
+        raise bad(f"truncated: its tensors need {end} bytes of data but the file holds {data}")
+    return shapes
+
+
+def _ints(x) -> bool:
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
