@@ -36,7 +36,7 @@ from search.engine.errors import UserError
 from search.run_setup import RunSetup, open_study, prepare_run, recover_interrupted, to_json
 from search.runspec import RunSpec
 from search.trial_loop import TrialLoop, study_counts
-from search.verdict import verdict_line, winner_vs_baselines
+from search.verdict import winner_vs_baselines
 from search.worker_pool import WorkerCrashLoop, WorkerPool
 
 
@@ -131,9 +131,7 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     write_report(spec.run_dir)  # plots and report.html in <run>/report/, before the summary lists them
     counts = study_counts(study, setup.multi)
     if not quiet:
-        export.print_summary(spec.run_dir, console=progress.console)
-        if meta["verdict"]:
-            progress.console.print(verdict_line(meta["verdict"]))
+        export.print_summary(spec.run_dir, console=progress.console)  # with the baselines and the verdict
     return RunResult(
         run_dir=spec.run_dir,
         study_name=spec.name,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from search import export
+from search.verdict import verdict_line
 
 STATES = (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed"))
 
@@ -193,6 +194,7 @@ def render(run_dir: Path, console, top: int = 10) -> None:
         w = s.winner
         console.print(Text(f"winner: trial {w['trial']} (marked *)"
                            + (", picked by held-out score" if s.has_heldout else ""), style="bold green"))
+    _render_baselines(meta, recs, s.columns, console)
     console.print()
     files = Table(title=f"in {run_dir}", title_justify="left", box=None, pad_edge=False, show_header=False)
     files.add_column(no_wrap=True)
@@ -200,6 +202,30 @@ def render(run_dir: Path, console, top: int = 10) -> None:
     for name, what in run_files(run_dir):
         files.add_row(name, what)
     console.print(files)
+
+
+def _render_baselines(meta: dict, recs: list[dict], columns: list[str], console) -> None:
+    """The run's baselines with their scores, and the verdict: the winner against the best of them."""
+    from rich.table import Table
+    from rich.text import Text
+
+    _, baselines = split_baselines(recs)
+    if not baselines:
+        return
+    console.print()
+    table = Table(title="baselines (hand-written merges, scored beside the search)", title_justify="left",
+                  box=None, pad_edge=False)
+    table.add_column("baseline", overflow="fold")
+    for c in columns:
+        table.add_column(c, justify="right")
+    table.add_column("held-out", justify="right")
+    for b in baselines:
+        table.add_row(b["baseline"], *[f"{v:.4g}" for v in b.get("values") or []],
+                      ", ".join(f"{v:.4g}" for v in b["heldout"]) if b.get("heldout") else "")
+    console.print(table)
+    line = verdict_line(meta.get("verdict"))
+    if line:
+        console.print(Text(line, style="bold"))
 
 
 def _params_grid(groups: list[tuple[str, list[tuple[str, str]]]]):
