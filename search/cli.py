@@ -39,9 +39,12 @@ where to start:
 COMMANDS = {
     "run": ("search.run_command", "search merge recipes as a run spec describes",
             "Search merge recipes as a run spec (YAML) describes: models, a space of recipes, "
-            "objectives with optional fidelity stages, a sampler and a pruner, a budget. Writes "
+            "objectives with optional fidelity stages, a sampler and a pruner, a budget. Scores the "
+            "run's baselines (each model alone, the space's defaults, enqueued recipes) beside the "
+            "search, and ends by saying whether the winner beat the best of them. Writes "
             "runs/<name>/: the study, trials.jsonl, best.yaml (or pareto/), a report/ with plots, "
-            "and prints a summary. Ctrl-C stops it; --resume continues."),
+            "and prints a summary. The same spec, seed and worker count give the same run. "
+            "Ctrl-C stops it; --resume continues."),
     "show": ("search.show_command", "print a run's summary: top trials, parameters, winner, files",
              "Print a run's summary in the terminal, fitted to its width: trials complete / "
              "pruned / failed, the top trials (or the Pareto front) with their scores and held-out "

@@ -54,7 +54,7 @@ class RunSpec(BaseModel):
     # before the worker is replaced and the trial failed; no default, as a trial's time grows with the
     # model and the eval (README, `mergesearch run`)
     trial_timeout: Optional[float] = Field(default=None, gt=0)
-    workers: int = Field(default=1, ge=1)
+    workers: int = Field(default=1, ge=1, le=4096)  # one Ray actor each: more is a typo, not a cluster
     storage: Optional[str] = None
     seed: int = Field(default=0, ge=0, lt=2**32)  # what numpy, and so every Optuna sampler, accepts
     heldout_top_k: int = Field(default=3, ge=0)
