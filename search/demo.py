@@ -97,10 +97,10 @@ def main(args: argparse.Namespace) -> int:
 
     print("[3/4] rebuilding the winner with mergekit", flush=True)
     meta, recs = export.load_run(run_dir)
-    ranked = export.rank(recs, meta["directions"])
-    if not ranked:
+    best = export.winner(recs, meta["directions"])
+    if best is None:
         raise UserError(f"demo: the search finished without a complete trial ({run_dir}/trials.jsonl says why)")
-    winner_dir = materialize(ranked[0], meta, recs, run_dir / "winner", with_mergekit=True, overwrite=True)
+    winner_dir = materialize(best, meta, recs, run_dir / "winner", with_mergekit=True, overwrite=True)
 
     import datasets
 

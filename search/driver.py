@@ -125,11 +125,11 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     meta["baselines"] = {n: {k: b[k] for k in ("trial", "values", "heldout")} for n, b in baselines.items()}
     meta["verdict"] = winner_vs_baselines(recs, setup.directions, baselines,
                                           study.user_attrs.get(records.HELDOUT_EXAMPLES_ATTR, {}))
-    name_the_winner(study, setup, recs, meta)
+    counts = study_counts(study, setup.multi)
+    name_the_winner(study, setup, recs, meta, counts)
     records.write_atomic(spec.run_dir / "run.json", to_json(meta))
     written = export.write_run_outputs(spec.run_dir)
     write_report(spec.run_dir)  # plots and report.html in <run>/report/, before the summary lists them
-    counts = study_counts(study, setup.multi)
     if not quiet:
         export.print_summary(spec.run_dir, console=progress.console)  # with the baselines and the verdict
     return RunResult(
@@ -143,13 +143,12 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     )
 
 
-def name_the_winner(study: optuna.Study, setup: RunSetup, recs: list[dict], meta: dict) -> None:
+def name_the_winner(study: optuna.Study, setup: RunSetup, recs: list[dict], meta: dict, counts) -> None:
     """The winner (best held-out among the top by search score: what export writes) and the best
     search score are two names, kept apart in run.json and on the study, where the dashboard shows them."""
-    counts = study_counts(study, setup.multi)
     meta["best_search_score"] = {"trial": counts.best_trial, "values": counts.best}
-    ranked = export.rank(recs, setup.directions) if not setup.multi else []
-    meta["winner"] = ranked[0]["trial"] if ranked else None
+    best = export.winner(recs, setup.directions)
+    meta["winner"] = best["trial"] if best else None
     for key in ("winner", "best_search_score"):
         study.set_user_attr(key, meta[key])
 
@@ -161,7 +160,7 @@ def every_trial_failed(study: optuna.Study, counts) -> str | None:
     reasons = collections.Counter(
         t.user_attrs.get(records.REASON_ATTR) or "no reason recorded"
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if not records.is_interrupted(t) and not records.is_baseline(t)
+        if not records.is_interrupted(t) and records.is_search_trial(t)
     )
     reason, n = reasons.most_common(1)[0]
     return f"every trial failed ({counts.failed}); the most common reason ({n} of them): {reason}"

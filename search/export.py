@@ -94,6 +94,14 @@ def rank(recs: list[dict], directions: list[str], by_heldout: bool | None = None
     return sorted(pool, key=key)
 
 
+def winner(recs: list[dict], directions: list[str]) -> dict | None:
+    """The run's winner, what best.yaml holds: the first of `rank` (by held-out score when the run has one);
+    with several objectives, the Pareto front's first by that order."""
+    pool = pareto(recs, directions) if len(directions) > 1 else recs
+    ranked = rank(pool, directions)
+    return ranked[0] if ranked else None
+
+
 def pareto(recs: list[dict], directions: list[str]) -> list[dict]:
     """Trials no other trial beats on every objective (Optuna's definition), by trial number."""
     pool = complete(recs)
@@ -284,11 +292,10 @@ def write_run_outputs(run_dir: Path) -> dict[str, Any]:
     meta, recs = load_run(run_dir)
     directions = meta["directions"]
     out: dict[str, Any] = {}
+    best = winner(recs, directions)
     if len(directions) == 1:
-        ranked = rank(recs, directions)
-        if ranked:
-            write_recipe(ranked[0], meta, run_dir / "best.yaml", overwrite=True)
-            out["best"] = _summary(ranked[0])
+        if best:
+            write_recipe(best, meta, run_dir / "best.yaml", overwrite=True)
     else:
         front = pareto(recs, directions)
         items = [(f"trial-{r['trial']}.yaml", recipe_text(r, meta, f"trial-{r['trial']}.yaml")) for r in front]
@@ -297,8 +304,8 @@ def write_run_outputs(run_dir: Path) -> dict[str, Any]:
             for name, text in items:
                 (tmp / name).write_text(text)
         out["pareto"] = [_summary(r) for r in front]
-        if front:
-            out["best"] = _summary(rank(front, directions)[0])
+    if best:
+        out["best"] = _summary(best)
     return out
 
 

@@ -26,13 +26,11 @@ def heldout_candidates(study: optuna.Study, top_k: int, has_heldout: bool, direc
         return []
     # baselines are re-scored with the search scores already (search/baselines.py); a duplicate's recipe
     # is its original's
-    def searched(t) -> bool:
-        return not records.is_baseline(t) and records.DUPLICATE_ATTR not in t.user_attrs
-
     if len(directions) > 1:
-        pool = sorted((t for t in study.best_trials if searched(t)), key=lambda t: t.number)
+        pool = sorted((t for t in study.best_trials if records.is_search_trial(t)), key=lambda t: t.number)
     else:
-        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if searched(t)]
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if records.is_search_trial(t)]
         sign = -1 if directions[0] == "maximize" else 1
         pool = sorted(complete, key=lambda t: (sign * t.values[0], t.number))
     return pool[:top_k]

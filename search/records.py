@@ -57,6 +57,11 @@ def is_baseline(t: optuna.trial.FrozenTrial) -> bool:
     return BASELINE_ATTR in t.user_attrs
 
 
+def is_search_trial(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial the search proposed and built: not a baseline, not a duplicate taking another's result."""
+    return not is_baseline(t) and DUPLICATE_ATTR not in t.user_attrs
+
+
 def trial_record(t: optuna.trial.FrozenTrial, heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     rec = t.user_attrs.get(RECORD_ATTR, {})
     return {

@@ -91,7 +91,7 @@ def load_view(run_dir: Path) -> RunView:
         baselines=baselines,
         top=export.rank(trials, directions),
         front=export.pareto(trials, directions) if len(directions) > 1 else [],
-        winner=summary.winner(meta, trials),
+        winner=export.winner(trials, directions),
     )
 
 

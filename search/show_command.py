@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def show(run_dir: Path, console, top: int = 10) -> None:
     summary.render(run_dir, console, top)
     meta, recs = export.load_run(run_dir)
-    best = summary.winner(meta, summary.split_baselines(recs)[0])
+    best = export.winner(recs, meta["directions"])
     if best is None:
         return
     path = Path(run_dir) / "best.yaml"

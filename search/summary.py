@@ -54,14 +54,6 @@ def shown_trials(meta: dict, trials: list[dict], top: int) -> list[dict]:
     return export.pareto(trials, directions) if len(directions) > 1 else export.rank(trials, directions)[:top]
 
 
-def winner(meta: dict, trials: list[dict]) -> dict | None:
-    """The trial best.yaml holds; with several objectives, the front's best on the first (as export picks)."""
-    directions = meta["directions"]
-    pool = export.pareto(trials, directions) if len(directions) > 1 else trials
-    ranked = export.rank(pool, directions)
-    return ranked[0] if ranked else None
-
-
 # ---- parameters --------------------------------------------------------------
 
 
@@ -126,7 +118,7 @@ def build(meta: dict, recs: list[dict], top: int = 10) -> Summary:
     trials, _ = split_baselines(recs)
     names, directions = meta["objectives"], meta["directions"]
     shown = shown_trials(meta, trials, top)
-    best = winner(meta, trials)
+    best = export.winner(trials, directions)
     rows = [
         Row(
             trial=r["trial"],

@@ -88,7 +88,7 @@ def study_counts(study: optuna.Study, multi: bool, running: int = 0) -> Counts:
     and the best search score."""
     c = Counts(running=running)
     for t in study.get_trials(deepcopy=False):
-        if records.is_baseline(t) or records.DUPLICATE_ATTR in t.user_attrs:
+        if not records.is_search_trial(t):
             continue
         if t.state == TrialState.COMPLETE:
             c.complete += 1
@@ -104,12 +104,9 @@ def study_counts(study: optuna.Study, multi: bool, running: int = 0) -> Counts:
 
 def best_search_trial(study: optuna.Study, multi: bool) -> optuna.trial.FrozenTrial:
     """The trial with the best search score (the first of the Pareto front): baselines and duplicates left out."""
-    def searched(t) -> bool:
-        return not records.is_baseline(t) and records.DUPLICATE_ATTR not in t.user_attrs
-
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if searched(t)]
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if records.is_search_trial(t)]
     if multi:
-        front = [t for t in study.best_trials if searched(t)]
+        front = [t for t in study.best_trials if records.is_search_trial(t)]
         return min(front or complete, key=lambda t: t.number)  # a front of baselines only: the first trial
     sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
     return max(complete, key=lambda t: (sign * t.value, -t.number))
@@ -138,8 +135,7 @@ class TrialLoop:
     def finished_count(self) -> int:
         done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         return sum(1 for t in self.study.get_trials(deepcopy=False, states=done)
-                   if not records.is_interrupted(t) and not records.is_baseline(t)
-                   and records.DUPLICATE_ATTR not in t.user_attrs)
+                   if not records.is_interrupted(t) and records.is_search_trial(t))
 
     def may_start_trial(self) -> bool:
         if self.scored.spent:

@@ -20,10 +20,9 @@ def winner_vs_baselines(recs: list[dict], directions: list[str], baselines: dict
     """None without a winner or a baseline, or with several objectives (a Pareto front has no single winner)."""
     if len(directions) != 1 or not baselines:
         return None
-    ranked = export.rank(recs, directions)
-    if not ranked:
+    winner, direction = export.winner(recs, directions), directions[0]
+    if winner is None:
         return None
-    winner, direction = ranked[0], directions[0]
     split = "held-out" if winner.get("heldout") and all(b.get("heldout") for b in baselines.values()) else "search"
 
     def score(r: dict) -> float:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from standins import make_finetune, make_standin  # noqa: E402
+from test_faults import zoo  # noqa: E402,F401  (module fixture: a llama base and two fine-tunes)
 
 from search.cli import main as cli_main  # noqa: E402
 
@@ -31,15 +31,6 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 WEIGHTS = "model.safetensors"
 UP = "model.layers.0.mlp.up_proj.weight"
-
-
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zoo")
-    make_standin(root / "base", "llama", 2, seed=0)
-    make_finetune(root / "fst", root / "base", seed=1, scale=0.05)
-    make_finetune(root / "nxt", root / "base", seed=2, scale=0.05)
-    return root
 
 
 def write_spec(folder: Path, zoo: Path, fst: Path, **extra) -> Path:

@@ -221,13 +221,13 @@ def test_show_fits_80_columns_and_lists_the_files(runs, name):
 
 
 def test_show_prints_every_parameter_of_the_winner_in_full(runs):
-    from search import summary
+    from search import export, summary
 
     run_dir = runs["staged"]
     text = show_text(run_dir)
     flat_text = re.sub(r"\s+", "", text)  # wrapped lines joined: nothing was cut
     meta = records.read_json(run_dir / "run.json")
-    winner = summary.winner(meta, trials_of(run_dir))
+    winner = export.winner(trials_of(run_dir), meta["directions"])
     for group, items in summary.param_groups(winner["params"]):
         for key, value in items:
             assert re.sub(r"\s+", "", f"{key}={value}") in flat_text
