@@ -7,7 +7,10 @@ and then scores it three ways, interleaved:
   bare forward      the same examples, tokenized once beforehand, one batched forward
                     pass per batch and an argmax check: the least any scorer can do
   lmeval objective  objectives.lmeval (tasks and requests built once; per trial the requests are
-                    run, then lm-eval's filters, per-document metrics and aggregation)
+                    run, then lm-eval's filters, per-document metrics and aggregation), in
+                    batches of 64 examples as the bare forward pass
+  token batches     the same objective with batches of at most --batch-tokens padded tokens
+                    (its default without batch_size; objectives/token_batches.py)
   incremental stages  the same objective in stages of 16, 64 and N examples on one candidate
                     (`new_candidate()` first): each stage scores only the examples it adds, so a
                     trial let through every stage should cost about one full evaluation
@@ -16,9 +19,10 @@ and then scores it three ways, interleaved:
   simple_evaluate   lm_eval.simple_evaluate per trial, on the same wrapped model and a
                     prebuilt TaskManager: loads the tasks and collects the environment each call
 
-All of them must report the same accuracies. Run from the repository root:
+All of them must report the same accuracies. Tokens/s counts the input tokens of the
+bare forward pass (the same requests, unpadded) per second. Run from the repository root:
 
-    .venv/bin/python bench/bench_eval.py [--zoo runs/zoo] [--examples 256] [--trials 10] [--threads 1]
+    .venv/bin/python bench/bench_eval.py [--zoo runs/zoo] [--examples 256] [--trials 10] [--threads 1] [--batch-tokens 1024]
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=256, help="examples per task (default 256, the demo's last stage)")
     parser.add_argument("--trials", type=int, default=10, help="timed trials per method (default 10)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: as each of the demo's 2 workers on 2 cores)")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="token budget of the 'token batches' objective (default 1024, its CPU default)")
     parser.add_argument("--out", default="bench/out/bench_eval.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,6 +118,13 @@ def main() -> None:
     )[0]
     build_s = time.perf_counter() - t
     batches = bare_batches(zoo, skills, args.examples, tokenizer)
+    tokens = sum(int(ids.shape[0]) * (int(ids.shape[1]) - 1) - int((ids[:, 1:] == tokenizer.pad_token_id).sum())
+                 for skill_batches in batches.values() for ids, _ in skill_batches)
+    by_tokens = build_objectives(
+        [{"kind": "lmeval", "include_path": str(zoo / "tasks"), "tasks": task_names, "limit": args.examples,
+          "batch_tokens": args.batch_tokens}],
+        Path("."),
+    )[0]
     manager = TaskManager(include_path=str(zoo / "tasks"), include_defaults=False)
     simple_lm = HFLM(pretrained=resident, tokenizer=tokenizer, batch_size=BATCH)
 
@@ -144,6 +156,7 @@ def main() -> None:
     methods = {
         "bare forward": lambda: bare_forward(resident, batches),
         "lmeval objective": run_objective,
+        "token batches": lambda: by_tokens.task_scores(resident, tokenizer),
         "incremental stages": run_incremental,
         "plain evaluate": run_plain_evaluate,
         "simple_evaluate": run_simple_evaluate,
@@ -181,16 +194,18 @@ def main() -> None:
             "vs_bare": statistics.median(ts) / bare,
             "median_cpu_s": statistics.median(cpu[name]),
             "cpu_vs_bare": statistics.median(cpu[name]) / bare_cpu,
+            "tokens_per_s": tokens / statistics.median(ts),
         }
         for name, ts in times.items()
     }
     print(f"per-trial evaluation, 4 tasks x {args.examples} examples, {args.trials} trials, torch threads {torch.get_num_threads()}")
-    print(f"{'method':<20}{'wall s':>8}{'min s':>8}{'x bare':>8}{'cpu s':>8}{'x bare':>8}   (medians over trials)")
+    print(f"{'method':<20}{'wall s':>8}{'min s':>8}{'x bare':>8}{'cpu s':>8}{'x bare':>8}{'tokens/s':>10}   (medians over trials)")
     for name, row in summary.items():
         print(
             f"{name:<20}{row['median_s']:8.3f}{row['min_s']:8.3f}{row['vs_bare']:8.2f}"
-            f"{row['median_cpu_s']:8.3f}{row['cpu_vs_bare']:8.2f}"
+            f"{row['median_cpu_s']:8.3f}{row['cpu_vs_bare']:8.2f}{row['tokens_per_s']:10.0f}"
         )
+    print(f"tokens per trial (inputs of the bare forward pass, unpadded): {tokens}")
     print(f"objective set-up once per worker: build {build_s:.2f} s, first call {first_call_s:.2f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
@@ -201,6 +216,8 @@ def main() -> None:
                 "summary": summary,
                 "build_s": build_s,
                 "first_call_s": first_call_s,
+                "tokens_per_trial": tokens,
+                "batch_tokens": args.batch_tokens,
                 "machine": platform.machine(),
                 "threads": torch.get_num_threads(),
             },

@@ -1,16 +1,26 @@
 """Time to the first result: where the seconds go from `mergesearch run` to the first trial scored.
 
-    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 2]
+    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 3]
 
 Runs the demo's spec (runs/demo.yaml, the toy zoo in runs/zoo must exist: `mergesearch zoo
 runs/zoo`) for 2 trials, in a fresh process each time (as a user's `mergesearch run` is),
-and times the steps the driver goes through, by wrapping them: checking the spec and the
-models (prepare_run), starting Ray, starting the workers (each loads its models and builds
-its objectives; the call returns when every worker has), scoring the baselines, and then
-the first trial from ask to told. Without --baselines the spec's baselines are off, which
+and times its steps by wrapping them. Without --baselines the spec's baselines are off, which
 is what issue 14 measured ("16 s to the first trial, 12.8 s before it is dispatched").
 
-Prints one line per run: the seconds of each step and the total to the first trial told.
+Prints one block per run. The timeline is seconds from the process's start (the interpreter's own
+start-up included), the steps are their own durations; steps overlap (Ray starts on a thread while
+the spec is checked, the workers import while the driver opens the study), so durations do not add
+up to the timeline:
+
+  python start            the interpreter and site-packages, before the driver's first line
+  imports                 the driver's modules (Optuna, SQLAlchemy; not torch, lm-eval or Ray)
+  check spec and models   prepare_run: space, model headers, objectives' specs
+  start Ray               connect_ray (on its thread)
+  worker N: ...           inside each worker's __init__: its imports (torch, transformers, the
+                          engine), building the objectives (lm-eval and its tasks), building the
+                          requests, importing the model code; `waits` is from the actor's submission
+                          (Ray up) to its __init__'s first line (a Ray worker process to run it)
+  first trial             its build (materialize) and first stage, on the worker
 """
 
 from __future__ import annotations
@@ -18,9 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-marks = {}
+wall0 = time.time()
+marks, steps = {"python start": wall0 - float(sys.argv[4])}, {}
+
+def at(label):
+    marks.setdefault(label, time.perf_counter() - t0)
 
 def timed(module, name, label):
     inner = getattr(module, name)
@@ -38,63 +53,102 @@ def timed(module, name, label):
         try:
             return inner(*a, **k)
         finally:
-            marks[label] = marks.get(label, 0.0) + time.perf_counter() - start
+            steps[label] = steps.get(label, 0.0) + time.perf_counter() - start
+            at(label + " done")
     setattr(module, name, wrapper)
 
-from search import driver, worker_pool, trial_loop
+from search import baselines, driver, worker_pool, trial_loop
 from search.runspec import load_spec
-marks["imports"] = time.perf_counter() - t0
+at("imports done")
+steps["imports"] = marks["imports done"]
 timed(driver, "prepare_run", "check spec and models")
 timed(worker_pool, "connect_ray", "start Ray")
-timed(driver, "score_baselines", "baselines")
 original_start = worker_pool.WorkerPool.start
-def start(self):
-    s = time.perf_counter()
-    original_start(self)
-    marks["start workers (models, objectives)"] = time.perf_counter() - s - marks.get("start Ray", 0.0)
+def start(self, *a, **k):
+    original_start(self, *a, **k)
+    at("workers ready")
+    for slot in self.slots:
+        s = dict(slot.info.get("startup_s") or {})
+        began = s.pop("began", None)
+        if began is not None:
+            marks[f"{slot.name} began"] = began - wall0
+        steps.update({f"{slot.name}: {k}": v for k, v in s.items()})
 worker_pool.WorkerPool.start = start
+original_record = baselines._record
+def record(*a, **k):
+    at("first result (a baseline)")
+    return original_record(*a, **k)
+baselines._record = record
 original_finish = trial_loop.TrialLoop._finish
 def finish(self, *a, **k):
     original_finish(self, *a, **k)
-    marks.setdefault("first trial told, from the start", time.perf_counter() - t0)
+    at("first trial told")
 trial_loop.TrialLoop._finish = finish
 original_run = trial_loop.TrialLoop.run
 def loop_run(self):
-    marks["loop starts, from the start"] = time.perf_counter() - t0
+    at("loop starts")
     original_run(self)
 trial_loop.TrialLoop.run = loop_run
 
 spec = load_spec(sys.argv[1], {"trials": 2, "name": sys.argv[2], "baselines": sys.argv[3] == "on"})
 driver.run(spec, quiet=True)
-print(json.dumps(marks))
+first = next((json.loads(line) for line in (spec.run_dir / "trials.jsonl").read_text().splitlines()
+              if json.loads(line).get("trial") is not None and not json.loads(line).get("baseline")), {})
+timings = first.get("timings") or {}
+for key in ("materialize_s", "score_s"):
+    value = timings.get(key)
+    if isinstance(value, list) and value:
+        steps[f"first trial: {key.removesuffix('_s')} (stage 1)"] = value[0]
+print(json.dumps({"timeline": marks, "steps": steps}))
 """
 
 
 def one_run(baselines: bool) -> dict:
-    with tempfile.TemporaryDirectory(dir=ROOT / "runs") as tmp:
-        spec = Path(tmp) / "first.yaml"
-        # the enqueued recipes are baselines only (not points of the demo's space): off with the baselines
-        enqueue = f"enqueue: [{ROOT / 'runs' / 'ties-4.yml'}, {ROOT / 'runs' / 'average-4.yml'}]" if baselines else ""
-        spec.write_text((ROOT / "runs" / "demo.yaml").read_text().replace("zoo/", str(ROOT / "runs" / "zoo") + "/")
-                        .replace("enqueue: [ties-4.yml, average-4.yml]", enqueue))
+    import yaml
+
+    spec = yaml.safe_load((ROOT / "runs" / "demo.yaml").read_text())
+    if not baselines:  # the enqueued recipes are baselines (not points of the demo's space): off with them
+        spec.pop("enqueue", None)
+    name = f"first-trial-{os.getpid()}"
+    path = ROOT / "runs" / f".{name}.yaml"  # beside demo.yaml, so its relative paths hold
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    try:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        done = subprocess.run([sys.executable, "-c", CHILD, str(spec), "first", "on" if baselines else "off"],
-                              capture_output=True, text=True, env=env, cwd=ROOT)
-        if done.returncode != 0:
-            raise SystemExit(done.stderr[-2000:])
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        started = time.time()
+        done = subprocess.run([sys.executable, "-c", CHILD, str(path), name, "on" if baselines else "off",
+                               repr(started)], capture_output=True, text=True, env=env, cwd=ROOT)
+    finally:
+        path.unlink()
+        shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def show(result: dict) -> str:
+    timeline = sorted(result["timeline"].items(), key=lambda kv: kv[1])
+    lines = ["  timeline: " + "  ".join(f"{k} {v:.2f}" for k, v in timeline)]
+    lines.append("  steps:    " + "  ".join(f"{k} {v:.2f}" for k, v in result["steps"].items()))
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baselines", action="store_true", help="with the spec's baselines (default: off)")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write every run's timeline and steps here")
     args = ap.parse_args()
     if not (ROOT / "runs" / "zoo" / "zoo.json").is_file():
         raise SystemExit("bench_first_trial: build the zoo first: .venv/bin/mergesearch zoo runs/zoo")
-    for _ in range(args.repeat):
-        marks = one_run(args.baselines)
-        print("  ".join(f"{k}: {v:.2f} s" for k, v in marks.items()), flush=True)
+    results = []
+    for i in range(args.repeat):
+        results.append(one_run(args.baselines))
+        print(f"run {i + 1}:\n{show(results[-1])}", flush=True)
+    first = [r["timeline"].get("first trial told") for r in results]
+    print(f"first trial told (s): {', '.join(f'{v:.2f}' for v in first if v is not None)}; "
+          f"quietest {min(v for v in first if v is not None):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ top 3), median over the seeds. We count the evaluation compute (examples scored 
 over stages and trials; and the workers' scoring seconds) each run spent until a completed trial
 first reached it.
 
+Quality (`--quality`): the search's winner against the run's baselines on the toy zoo, per
+sampler (default, CMA-ES, random) and seed; see bench/search_quality.py.
+
 --write replaces the "## Search" section of BENCHMARKS.md (with --pruning: the
-"## Search: pruning" section); other sections are kept.
+"## Search: pruning" section; with --quality: "## Search: quality"); other sections are kept.
 """
 
 from __future__ import annotations
@@ -553,6 +556,27 @@ def stage_ranking(n: int, seed: int, top: int = 30) -> str:
     return "\n".join(lines)
 
 
+def quality(args: argparse.Namespace) -> None:
+    import ray
+
+    from search_quality import quality_report, quality_runs
+
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    trials = args.trials or yaml.safe_load(args.spec.read_text())["trials"]
+    checkpoints = sorted({int(c) for c in args.checkpoints.split(",") if int(c) < trials} | {trials})
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results = quality_runs(args.spec, args.quality_samplers.split(","), seeds, trials, checkpoints)
+    ray.shutdown()
+    command = (f".venv/bin/python bench/bench_search.py --quality --spec {args.spec.resolve().relative_to(ROOT)} "
+               f"--first-seed {args.first_seed} --seeds {args.seeds} --quality-samplers {args.quality_samplers} "
+               f"--trials {trials} --checkpoints {args.checkpoints}" + (" --write" if args.write else ""))
+    text = quality_report(results, checkpoints, command)
+    print(text)
+    if args.write:
+        write_section(text, "## Search: quality")
+        print(f"wrote the ## Search: quality section of {ROOT / 'BENCHMARKS.md'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
@@ -577,8 +601,19 @@ def main() -> None:
                     "their seeds merged) instead of running")
     ap.add_argument("--stage-ranking", type=int, metavar="N", help="instead: how well each stage's score ranks N "
                     "random merges of the demo's space by held-out score (needs runs/zoo)")
+    ap.add_argument("--quality", action="store_true", help="instead: the search's winner against the run's "
+                    "baselines, per sampler and seed (bench/search_quality.py; needs the toy zoo)")
+    ap.add_argument("--spec", type=Path, default=ROOT / "runs" / "demo.yaml", help="with --quality: the run spec")
+    ap.add_argument("--quality-samplers", default="tpe,cmaes,random", help="with --quality: samplers compared")
+    ap.add_argument("--trials", type=int, help="with --quality: trial budget (default: the spec's)")
+    ap.add_argument("--checkpoints", default="15,30,60", help="with --quality: trials spent at which the best "
+                    "trial so far is scored on held-out (the budget is always added)")
     ap.add_argument("--write", action="store_true", help="replace the ## Search section of BENCHMARKS.md")
     args = ap.parse_args()
+
+    if args.quality:
+        quality(args)
+        return
 
     if args.stage_ranking:
         text = stage_ranking(args.stage_ranking, args.first_seed)

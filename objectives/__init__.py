@@ -17,6 +17,7 @@ Several objectives make a multi-objective study (one Optuna direction each).
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +44,10 @@ class Objective:
     @classmethod
     def from_spec(cls, spec: dict, where: str, base_dir: Path) -> "Objective":
         raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Costly set-up that needs no candidate (lm-eval's requests, say): a worker calls it as it starts,
+        while the driver is still busy, so the first trial does not pay for it."""
 
     def new_candidate(self) -> None:
         """Called whenever a new candidate has been built into the model that `score` will see.
@@ -74,16 +79,56 @@ def objective_class(kind: Any, where: str) -> type[Objective]:
 
 def build_objectives(specs: list[dict], base_dir: Path) -> list[Objective]:
     """Objectives from the run spec's `objectives:` list; relative paths resolve against `base_dir`."""
+    built = [objective_class(spec.get("kind"), where).from_spec(spec, where, Path(base_dir))
+             for where, spec in _entries(specs)]
+    _check_unique([o.name for o in built])
+    return built
+
+
+@dataclass(frozen=True)
+class ObjectiveInfo:
+    """What the driver needs of an objective, read from its spec (see describe_objectives)."""
+
+    kind: str
+    name: str
+    direction: str
+    fidelities: list[int] | None
+    has_heldout: bool | None  # None: known once a worker has built the objective
+    reports_examples: bool  # hands per-example results to the paired pruner (`example_aggregations`)
+
+
+# kinds whose spec is checked without building the objective: lm-eval takes seconds to import and
+# its tasks seconds to build, which the workers do anyway (they report what only the built tasks know)
+DESCRIBE = {"lmeval": "objectives.lmeval_spec:describe_lmeval"}
+
+
+def describe_objectives(specs: list[dict], base_dir: Path) -> list[ObjectiveInfo]:
+    """Every objective's spec checked, as build_objectives checks it, and what the driver needs of it;
+    the cheap kinds are built to say it, lmeval is read from its spec alone."""
+    infos = []
+    for where, spec in _entries(specs):
+        kind = spec.get("kind")
+        if kind in DESCRIBE:
+            module_name, function = DESCRIBE[kind].split(":")
+            infos.append(getattr(importlib.import_module(module_name), function)(spec, where, Path(base_dir)))
+        else:
+            o = objective_class(kind, where).from_spec(spec, where, Path(base_dir))
+            infos.append(ObjectiveInfo(o.kind, o.name, o.direction, o.fidelities, o.has_heldout,
+                                       hasattr(o, "example_aggregations")))
+    _check_unique([i.name for i in infos])
+    return infos
+
+
+def _entries(specs: list[dict]) -> list[tuple[str, dict]]:
     if not isinstance(specs, list) or not specs:
         raise UserError("objectives: expected a non-empty list like [{kind: lmeval, tasks: [...]}]")
-    built = []
     for i, spec in enumerate(specs):
-        where = f"objectives[{i}]"
         if not isinstance(spec, dict):
-            raise UserError(f"{where}: expected a mapping like {{kind: lmeval, ...}}, got {spec!r}")
-        built.append(objective_class(spec.get("kind"), where).from_spec(spec, where, Path(base_dir)))
-    names = [o.name for o in built]
+            raise UserError(f"objectives[{i}]: expected a mapping like {{kind: lmeval, ...}}, got {spec!r}")
+    return [(f"objectives[{i}]", spec) for i, spec in enumerate(specs)]
+
+
+def _check_unique(names: list[str]) -> None:
     for i, name in enumerate(names):
         if name in names[:i]:
             raise UserError(f"objectives[{i}].name: {name!r} is used twice; give each objective its own name")
-    return built

@@ -10,7 +10,9 @@
       fidelities: [16, 64, 256]          # stages: the first N examples of every task
       subset_seed: null                  # null: stages are prefixes in file order; an int: of a seeded shuffle
       num_fewshot: 0
-      batch_size: 64
+      batch_tokens: 1024                 # padded tokens per batch (default 1024 on CPU, 32768 on GPU)
+      batch_size: null                   # examples per batch: alone, a fixed count (lm-eval's batching);
+                                         # with batch_tokens, a cap
       apply_chat_template: false         # or a template name
       direction: maximize
 
@@ -58,6 +60,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import lm_eval.api.task  # noqa: E402
+import lm_eval.utils  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 # evaluate's own aggregation (per task, then groups), fed our per-example items; private to lm-eval,
 # so tests/test_incremental_stages.py checks every stage against a call of `evaluate` itself
@@ -66,20 +69,14 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from objectives import Objective  # noqa: E402
-from objectives.fidelity import check_fidelities, nested_subset  # noqa: E402
-from objectives.spec import SpecReader  # noqa: E402
+from objectives.fidelity import nested_subset  # noqa: E402
+from objectives.lmeval_spec import TaskEntry, read_lmeval_spec  # noqa: E402
+from objectives.token_batches import default_batch_tokens, in_original_order, token_batches  # noqa: E402
 from search.engine.errors import UserError  # noqa: E402
 
+FIXED_BATCH = 64  # examples per batch of generation requests, and of all requests without a token budget
 FEWSHOT_SEED = 1234  # lm-eval's default: the same few-shot examples for every trial
 HELDOUT_CONVENTION = ("_search", "_heldout")  # X_search is re-scored on X_heldout
-
-
-@dataclass
-class TaskEntry:
-    task: str  # a task or group name
-    metric: str
-    weight: float
-    heldout: str | None
 
 
 @contextmanager
@@ -97,12 +94,32 @@ class ResidentHFLM(HFLM):
     """HFLM whose (context, continuation) encodings live in a dict shared across wrappers.
 
     Encodings depend on the tokenizer only, and the same examples come back every
-    trial. Progress bars, one per request type per call, are off.
+    trial. Progress bars, one per request type per call, are off. With `batch_tokens`,
+    log-likelihood requests run in batches of at most that many padded tokens
+    (objectives/token_batches.py); `batch_size` then caps the examples per batch.
     """
 
-    def __init__(self, *args, encodings: dict, **kwargs):
+    def __init__(self, *args, encodings: dict, batch_tokens: int | None = None, max_batch: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._encodings = encodings
+        self._batch_tokens, self._max_batch = batch_tokens, max_batch
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = True, override_bs=None):
+        if self._batch_tokens is None or not requests:
+            return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+        # lm-eval's own order (longest first, then by tokens) keeps requests that share a context
+        # next to each other, so its one-token-continuation cache still finds them in one batch.
+        order = sorted(range(len(requests)), key=lambda i: (-_tokens(requests[i]), tuple(requests[i][1] + requests[i][2])))
+        widths = [min(_tokens(requests[i]) - 1, self.max_length) for i in order]  # the input drops the last token
+        batches = [[order[j] for j in batch] for batch in token_batches(widths, self._batch_tokens, self._max_batch)]
+        fixed, results = self.batch_size_per_gpu, []
+        try:
+            for batch in batches:
+                self.batch_size_per_gpu = len(batch)  # one of lm-eval's batches is exactly ours
+                results.append(super()._loglikelihood_tokens([requests[i] for i in batch], disable_tqdm=True))
+        finally:
+            self.batch_size_per_gpu = fixed
+        return in_original_order(batches, results)
 
     def _encode_pair(self, context: str, continuation: str):
         key = (context, continuation)
@@ -118,6 +135,11 @@ class ResidentHFLM(HFLM):
 
     def generate_until(self, requests, disable_tqdm: bool = True):
         return super().generate_until(requests, disable_tqdm=True)
+
+
+def _tokens(request) -> int:
+    """Context plus continuation tokens of one encoded log-likelihood request."""
+    return len(request[1]) + len(request[2])
 
 
 @contextmanager
@@ -145,6 +167,20 @@ def no_progress_bars():
         lm_eval.api.task.tqdm = original
 
 
+@contextmanager
+def templates_compiled_once():
+    """lm-eval compiles a task's Jinja templates again for every document it templates
+    (`utils.apply_template`): 3 of the 4 s it took to build the demo's 1,024 requests. Compiled once
+    per template string and rendered per document, the text is the same."""
+    original = lm_eval.utils.apply_template
+    compiled = functools.lru_cache(maxsize=256)(lm_eval.utils.env.from_string)
+    lm_eval.utils.apply_template = lambda template, doc: compiled(template).render(**doc)
+    try:
+        yield
+    finally:
+        lm_eval.utils.apply_template = original
+
+
 @dataclass
 class RequestPool:
     """One task's requests, built once for the first `size` examples of the fixed order (None: all).
@@ -162,34 +198,6 @@ class RequestPool:
 
 # Per-example metric items of one candidate: task -> document index -> {(metric, filter): item}.
 ExampleItems = dict[str, dict[int, dict[tuple[str, str], object]]]
-
-
-def parse_tasks(r: SpecReader) -> list[TaskEntry]:
-    default_metric = r.str("metric", "acc")
-    tasks = r.raw("tasks")
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    if not isinstance(tasks, list) or not tasks:
-        raise r.fail("tasks", "expected a list of task names, e.g. [fst_search, nxt_search]")
-    entries = []
-    for i, item in enumerate(tasks):
-        where = f"tasks[{i}]"
-        if isinstance(item, str):
-            item = {"task": item}
-        if not isinstance(item, dict) or not isinstance(item.get("task"), str):
-            raise r.fail(where, f"expected a task name or {{task: NAME, metric: acc, weight: 1}}, got {item!r}")
-        unknown = set(item) - {"task", "metric", "weight", "heldout"}
-        if unknown:
-            raise r.fail(where, f"unknown field {sorted(unknown)[0]!r}; a task entry has task, metric, weight, heldout")
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            raise r.fail(f"{where}.weight", f"expected a positive number, got {weight!r}")
-        metric = item.get("metric", default_metric)
-        heldout = item.get("heldout")
-        if not isinstance(metric, str) or (heldout is not None and not isinstance(heldout, str)):
-            raise r.fail(where, "metric and heldout must be strings")
-        entries.append(TaskEntry(item["task"], metric, float(weight), heldout))
-    return entries
 
 
 def task_manager(include_path: list[Path] | None, names: list[str]) -> TaskManager:
@@ -242,14 +250,16 @@ class LmEvalObjective(Objective):
         fidelities: list[int] | None = None,
         subset_seed: int | None = None,
         num_fewshot: int | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
+        batch_tokens: int | None = None,
         apply_chat_template: bool | str = False,
         system_instruction: str | None = None,
         direction: str = "maximize",
     ):
         self.entries, self.name, self.direction, self.fidelities = tasks, name, direction, fidelities
         self.limit, self.subset_seed, self.num_fewshot = limit, subset_seed, num_fewshot
-        self.batch_size, self.apply_chat_template, self.system_instruction = batch_size, apply_chat_template, system_instruction
+        self.batch_size, self.batch_tokens = batch_size, batch_tokens
+        self.apply_chat_template, self.system_instruction = apply_chat_template, system_instruction
         self.last_details: dict[str, float] = {}
         # tokenizer -> its (context, continuation) encodings; weak, so a dropped tokenizer takes them along
         self._encodings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -270,44 +280,7 @@ class LmEvalObjective(Objective):
 
     @classmethod
     def from_spec(cls, spec: dict, where: str, base_dir: Path) -> "LmEvalObjective":
-        r = SpecReader(spec, where, base_dir)
-        r.raw("kind")
-        include = r.raw("include_path")
-        include = [include] if isinstance(include, str) else include
-        if include is not None and not (isinstance(include, list) and all(isinstance(p, str) for p in include)):
-            raise r.fail("include_path", f"expected a folder or a list of folders, got {include!r}")
-        paths = []
-        for p in include or []:
-            path = Path(p).expanduser()
-            path = path if path.is_absolute() else base_dir / path
-            if not path.is_dir():
-                raise r.fail("include_path", f"{path} is not a folder; give task folders relative to the run spec's folder")
-            paths.append(path)
-        chat = r.raw("apply_chat_template", False)
-        if not isinstance(chat, (bool, str)):
-            raise r.fail("apply_chat_template", f"expected true, false or a template name, got {chat!r}")
-        fidelities = check_fidelities(r.raw("fidelities"), where)
-        limit = r.int("limit")
-        if fidelities and limit and fidelities[-1] > limit:
-            raise r.fail("fidelities", f"the last stage ({fidelities[-1]}) exceeds `limit` ({limit})")
-        subset_seed = r.raw("subset_seed")
-        if subset_seed is not None and (isinstance(subset_seed, bool) or not isinstance(subset_seed, int)):
-            raise r.fail("subset_seed", f"expected an integer or null, got {subset_seed!r}")
-        obj_args = dict(
-            tasks=parse_tasks(r),
-            name=r.str("name", "lmeval"),
-            include_path=paths or None,
-            limit=limit,
-            fidelities=fidelities,
-            subset_seed=subset_seed,
-            num_fewshot=r.int("num_fewshot", None, minimum=0),
-            batch_size=r.int("batch_size", 64),
-            apply_chat_template=chat,
-            system_instruction=r.str("system_instruction"),
-            direction=r.direction("maximize"),
-        )
-        r.done()
-        return cls(**obj_args)
+        return cls(**read_lmeval_spec(spec, where, base_dir))
 
     # --- set-up, once per worker ---------------------------------------------------------
 
@@ -370,8 +343,23 @@ class LmEvalObjective(Objective):
 
     def _wrap(self, model, tokenizer) -> ResidentHFLM:
         encodings = self._encodings.setdefault(tokenizer, {})
+        budget = self.batch_tokens
+        if budget is None and self.batch_size is None:
+            budget = default_batch_tokens(model.device.type)
         with quiet_lm_eval():
-            return ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, encodings=encodings)
+            return ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size or FIXED_BATCH,
+                                encodings=encodings, batch_tokens=budget, max_batch=self.batch_size)
+
+    def prepare(self) -> None:
+        """Build every search task's requests for the largest stage now: a worker calls this as it starts,
+        so its first trial does not. A chat template needs the candidate's tokenizer: then the first call does."""
+        if self.apply_chat_template:
+            return
+        size = self.fidelities[-1] if self.fidelities else None
+        if self.limit is not None:
+            size = self.limit if size is None else min(size, self.limit)
+        for name, task in self.search_tasks["tasks"].items():
+            self._pool(name, task, None, size, {})
 
     # --- per trial -------------------------------------------------------------------------
 
@@ -426,7 +414,7 @@ class LmEvalObjective(Objective):
         else:
             limit, samples = None, self._subset(name, task, size)
         task.set_fewshot_seed(FEWSHOT_SEED)  # identical few-shot contexts in every worker
-        with no_progress_bars(), quiet_lm_eval():
+        with no_progress_bars(), quiet_lm_eval(), templates_compiled_once():
             task.build_all_requests(
                 limit=limit,
                 samples=samples,

@@ -3,9 +3,9 @@
 1. build the zoo (cached: a second run reuses it),
 2. search merges of its specialists as runs/demo.yaml says, with 2 Ray workers; the
    run scores its baselines beside the search: each specialist alone, the space's
-   defaults, and the hand-written merges the spec enqueues (TIES and the plain average
-   of all four specialists, runs/ties-4.yml and runs/average-4.yml),
-3. export the winner as mergekit YAML and rebuild it with `mergekit-multi`,
+   defaults (the plain average and TIES of all four specialists), and the hand-written
+   merge the spec enqueues (runs/ties-4.yml),
+3. export the winner as mergekit YAML and rebuild it with mergekit,
 4. score every baseline and the rebuilt winner on each skill's test split (never seen
    by the search), print the table and the winner's margin over the best baseline
    with a paired 95% interval. Exit status 1 when the winner does not beat it.

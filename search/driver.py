@@ -1,10 +1,12 @@
 """The search driver: one run from spec to winners.
 
+    RayStart(...)                    search/worker_pool.py Ray started (or joined) on a thread, meanwhile:
     setup = prepare_run(spec)        search/run_setup.py   every input checked, model headers too; nothing written yet
-    pool.start()                     search/worker_pool.py Ray (joined or started) and actors holding the models
+    pool.start()                     search/worker_pool.py actors holding the models, once Ray is up
     study = open_study(setup)        search/run_setup.py   the Optuna study, run.json (a resumed one: before Ray)
-    score_baselines(...)             search/baselines.py   the hand-written merges, outside the budget
+    score_baselines(...)             search/baselines.py   the hand-written merges in the space, outside the budget
     TrialLoop(...).run()             search/trial_loop.py  ask, build and score on a free worker, tell
+    score_baselines(...)                                   the other hand-written merges
     run_heldout(...)                 search/heldout.py     the top trials on the split the search never saw
     export.write_run_outputs(...)    search/export.py      best.yaml (or pareto/), trials.jsonl, summary
     write_report(...)                search/report.py      report/: plots and report.html
@@ -27,17 +29,18 @@ import optuna
 from optuna.trial import TrialState
 
 from search import export, records
-from search.baselines import baseline_records, score_baselines
+from search.baselines import baseline_records, before_and_after_the_search, score_baselines
 from search.heldout import heldout_candidates, run_heldout
 from search.interrupts import end_open_transactions
 from search.progress import Progress
 from search.report import write_report
 from search.engine.errors import UserError
-from search.run_setup import RunSetup, open_study, prepare_run, recover_interrupted, to_json
+from search.run_setup import RunSetup, learn_from_workers, open_study, prepare_run, recover_interrupted, to_json
 from search.runspec import RunSpec
-from search.trial_loop import TrialLoop, study_counts
+from search.trial_counts import study_counts
+from search.trial_loop import TrialLoop
 from search.verdict import winner_vs_baselines
-from search.worker_pool import WorkerCrashLoop, WorkerPool
+from search.worker_pool import RayStart, WorkerCrashLoop, WorkerPool, worker_env
 
 
 @dataclass
@@ -52,14 +55,22 @@ class RunResult:
 
 
 def run(spec: RunSpec, *, resume: bool = False, ray_address: str | None = None, quiet: bool = False) -> RunResult:
-    setup = prepare_run(spec, resume)
+    # A new run starts Ray at once, on a thread, while the spec is checked (BENCHMARKS.md, "Search: time to
+    # first trial"); a resumed one may have nothing left to run, and then writes the outputs without Ray
+    ray_starting = None if resume else RayStart(ray_address, worker_env(spec))
+    try:
+        setup = prepare_run(spec, resume)
+    except BaseException:
+        if ray_starting is not None:
+            ray_starting.abandon()  # the error is said now; Ray is stopped once up
+        raise
     progress = Progress(spec.name, spec.trials, spec.timeout, quiet=quiet)
     # Ray comes before a new study, so a cluster that does not answer leaves nothing behind; a resumed
     # study is opened first, as a --resume with nothing left to run writes the outputs without Ray
     study = open_study(setup, resume) if resume else None
     util = None
     if study is None or work_left(study, setup):
-        study, util = search(setup, study, ray_address, progress)
+        study, util = search(setup, study, ray_address, progress, ray_starting)
     return finish(setup, study, util, progress, quiet)
 
 
@@ -75,23 +86,24 @@ def work_left(study: optuna.Study, setup: RunSetup) -> bool:
     return any(str(t.number) not in done for t in candidates)
 
 
-def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None, progress: Progress):
+def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None, progress: Progress,
+           ray_starting: RayStart | None = None):
     """Start the workers, open the study (unless resumed), score the baselines, run the trial loop and the
     held-out re-scores; (study, utilization)."""
     spec = setup.spec
-    pool = WorkerPool(spec, ray_address, setup.send_examples)
+    pool = WorkerPool(spec, ray_address, setup.send_examples, ray_starting)
     try:
         where = f"Ray at {ray_address}" if ray_address else "local Ray"
         progress.message(f"{spec.name}: starting {spec.workers} worker(s) on {where}; study in {setup.storage_shown}")
-        pool.start()
+        pool.start(progress.message)  # one line per worker: its node, device and sources mode
+        learn_from_workers(setup, pool.slots[0].info)
         resume = study is not None
         if study is None:
             study = open_study(setup, resume=False)
         rewrite_trials(study, spec.run_dir)
-        todo = [b.name for b in setup.baselines if b.name not in study.user_attrs.get(records.BASELINES_ATTR, {})]
-        if todo:
-            progress.message(f"scoring {len(todo)} baseline(s): {', '.join(todo)}")
-            score_baselines(study, setup, pool, progress.message)
+        # points of the space before the first trial (the sampler must see them), the others after the trials
+        before, after = before_and_after_the_search(setup.baselines)
+        baselines_pending(study, setup, pool, progress, before)
         loop = TrialLoop(setup, study, pool, progress)
         with progress:
             progress.update(study_counts(study, setup.multi), f"resumed {study.study_name}" if resume else "started")
@@ -105,6 +117,7 @@ def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None,
                 raise UserError(f"{e}; fix the cause, then continue with: mergesearch run {spec.spec_path} --resume"
                                 ) from None
         util = pool.utilization(loop.loop_end - loop.loop_start)
+        baselines_pending(study, setup, pool, progress, after)
         candidates = heldout_candidates(study, spec.heldout_top_k, setup.has_heldout, setup.directions)
         if candidates:
             progress.message(f"re-scoring the top {len(candidates)} on the held-out split")
@@ -112,6 +125,15 @@ def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None,
     finally:
         pool.stop()
     return study, util
+
+
+def baselines_pending(study: optuna.Study, setup: RunSetup, pool: WorkerPool, progress: Progress, which: list) -> None:
+    """Score those of `which` not scored yet (an earlier session may have)."""
+    scored = study.user_attrs.get(records.BASELINES_ATTR, {})
+    todo = [b.name for b in which if b.name not in scored]
+    if todo:
+        progress.message(f"scoring {len(todo)} baseline(s): {', '.join(todo)}")
+        score_baselines(study, setup, pool, progress.message, which)
 
 
 def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Progress, quiet: bool) -> RunResult:

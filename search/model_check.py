@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from search.engine.errors import UserError
-from search.engine.sources import safetensors_files
+from search.engine.weight_files import safetensors_files  # torch-free: the driver never imports torch
 
 # safetensors refuses headers above 100 MB; a larger length field is a garbage or hostile file
 MAX_HEADER_BYTES = 100_000_000

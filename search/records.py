@@ -77,6 +77,7 @@ def trial_record(t: optuna.trial.FrozenTrial, heldout: dict[str, Any] | None = N
         "worker": rec.get("worker"),
         "workers": rec.get("workers", []),  # one per attempt, when a dead worker's trial was retried
         "node": rec.get("node"),
+        "sources": rec.get("sources"),  # how the worker kept the source models: resident, shared-mmap or streamed
         "attempts": rec.get("attempts", 0),
         "reason": t.user_attrs.get(REASON_ATTR),
         "timings": rec.get("timings", {}),

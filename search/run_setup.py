@@ -1,7 +1,7 @@
 """A run's set-up: everything checked before the run folder, the study or Ray exist, then the study.
 
 `prepare_run` builds the space, checks the model files it merges (search/model_check.py,
-headers only), builds the objectives (on the driver, to check them), the stage plan,
+headers only), checks the objectives' specs (the workers build them), the stage plan,
 the pruner and the sampler, reads the enqueued recipes and finds the storage; any bad
 input is a UserError here, so nothing is left behind.
 `open_study` creates the study (or loads it for --resume, checking the spec did
@@ -31,6 +31,9 @@ from search.stages import Stage, plan_stages
 from search.storage import default_url, has_study, mask, open_storage
 
 
+HAS_HELDOUT_ATTR = "has_heldout"  # study user attr: whether the objectives have a held-out split
+
+
 @dataclass
 class RunSetup:
     spec: RunSpec
@@ -38,7 +41,7 @@ class RunSetup:
     objective_names: list[str]
     directions: list[str]
     multi: bool  # several objectives: a Pareto front, no pruning
-    has_heldout: bool
+    has_heldout: bool | None  # None until the workers have built the objectives (learn_from_workers)
     stages: list[Stage]
     pruner: optuna.pruners.BasePruner
     send_examples: bool  # the paired pruner needs each stage's per-example results
@@ -51,7 +54,7 @@ class RunSetup:
 
 
 def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
-    from objectives import build_objectives
+    from objectives import describe_objectives
     from spaces import build_space
     from spaces.model_info import read_model_infos
 
@@ -63,18 +66,19 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
     space = build_space(spec.space, infos)
     # compose stages name intermediate models too: only the spec's own models have files
     check_models(spec.models, [m for m in space.used_models if m in spec.models], spec.allow_pickle)
-    objectives = build_objectives(spec.objectives, spec.base_dir)
+    # checked from their specs: the workers build them (lm-eval's tasks take seconds to import and build),
+    # and say what only the built objectives know (search/worker.py, learn_from_workers)
+    objectives = describe_objectives(spec.objectives, spec.base_dir)
     fidelities = [list(o.fidelities) if o.fidelities else None for o in objectives]
     multi = len(objectives) > 1
     prune = not multi and spec.pruner != "none"
     pruner = build_pruner(spec.pruner if prune else "none", fidelities[0] if prune else None)
     send_examples = isinstance(pruner, PairedPruner)
-    if send_examples:
-        if not hasattr(objectives[0], "example_aggregations"):
-            raise UserError(f"pruner: paired compares trials example by example, which only the lmeval "
-                            f"objective reports ({objectives[0].name} is {objectives[0].kind}); use "
-                            "successive_halving")
-        objectives[0].example_aggregations()  # a metric it cannot compare fails here, before any trial
+    if send_examples and not objectives[0].reports_examples:
+        # (a metric it cannot compare fails as the workers build the objective, before any trial)
+        raise UserError(f"pruner: paired compares trials example by example, which only the lmeval "
+                        f"objective reports ({objectives[0].name} is {objectives[0].kind}); use "
+                        "successive_halving")
     sampler = build_sampler(spec.sampler_name, spec.seed, len(objectives), spec.sampler_options)
     baselines = choose_baselines(spec, space, infos)
     enqueued_params = []
@@ -92,7 +96,7 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
         directions=[o.direction for o in objectives],
         multi=multi,
         # objectives without a held-out split would only repeat the search score: nothing to re-score then
-        has_heldout=any(getattr(o, "has_heldout", True) for o in objectives),
+        has_heldout=_any_known([o.has_heldout for o in objectives]),
         stages=plan_stages(fidelities, prune),
         pruner=pruner,
         send_examples=send_examples,
@@ -115,6 +119,17 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
             f"--resume: no study named {spec.name!r} in {setup.storage_shown}; run without --resume to start one"
         )
     return setup
+
+
+def _any_known(flags: list[bool | None]) -> bool | None:
+    """True if any is, None while any is unknown (a worker will say), else False."""
+    return True if any(flags) else (None if None in flags else False)
+
+
+def learn_from_workers(setup: RunSetup, info: dict) -> None:
+    """What only the built objectives know, from a started worker's info(): whether any has a held-out split."""
+    if "has_heldout" in info:
+        setup.has_heldout = any(info["has_heldout"])
 
 
 def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
@@ -145,6 +160,8 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
             )
         if list(study.directions) != [_direction(d) for d in setup.directions]:
             raise UserError("--resume: the objectives' directions changed since the study started; restore them")
+        if setup.has_heldout is None:  # as the workers said when the study started (unknown: assume one)
+            setup.has_heldout = study.user_attrs.get(HAS_HELDOUT_ATTR, True)
         recover_interrupted(study)
     else:
         study = optuna.create_study(
@@ -156,6 +173,7 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
         )
         study.set_user_attr("identity", jsonable(spec.identity()))
         study.set_user_attr("objectives", setup.objective_names)
+        study.set_user_attr(HAS_HELDOUT_ATTR, setup.has_heldout)  # for a --resume, before any worker says
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2: nothing the user can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(setup.objective_names)  # optuna-dashboard names the objectives by them

@@ -14,6 +14,8 @@ import optuna
 from sqlalchemy.engine import URL, make_url
 
 from search.engine.errors import UserError, short
+from search.single_writer_storage import SingleWriterStorage
+from search.sqlite_wal import use_wal
 
 _SECRET_WORDS = "password|passwd|pwd|secret|token|key"
 _SECRET_KEY = re.compile(f"(?i){_SECRET_WORDS}")
@@ -91,7 +93,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         folder = _sqlite_folder(parsed) if parsed.get_backend_name() == "sqlite" else None
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.RDBStorage(url)
+        # one driver writes the study: reads from memory, SQLite commits without an fsync (each file says why)
+        return SingleWriterStorage(use_wal(optuna.storages.RDBStorage(url)))
     except UserError:
         raise
     except Exception as e:  # a malformed URL, driver missing, host unreachable, ...

@@ -41,12 +41,13 @@ from search import records
 from search.engine import recipe as recipes
 from search.engine.errors import UserError
 from search.interrupts import StopFlag, graceful_ctrl_c
-from search.progress import Counts, Progress
+from search.progress import Progress
 from search.run_setup import RunSetup, requeue
 from search.schedule import Schedule
 from search.scored_recipes import ScoredRecipes
 from search.study_view import StudyView
-from search.worker_pool import Slot, WorkerPool, death_reason
+from search.trial_counts import TrialCounts
+from search.worker_pool import Slot, WorkerCrashLoop, WorkerPool, death_reason
 
 MAX_ATTEMPTS = 2  # a trial whose worker dies is run once more, then failed
 MAX_SUGGEST_FAILURES_IN_A_ROW = 20  # the space raises on every trial: a bug, not bad luck
@@ -78,38 +79,10 @@ class TrialRun:
             "worker": self.workers[-1] if self.workers else None,
             "workers": self.workers,
             "node": worker.info.get("node") if worker else None,
+            "sources": worker.info.get("sources") if worker else None,  # resident, shared-mmap or streamed
             "attempts": self.attempts,
             "timings": self.timings,
         }
-
-
-def study_counts(study: optuna.Study, multi: bool, running: int = 0) -> Counts:
-    """Complete / pruned / failed trials (interrupted ones are not failures; baselines are not trials)
-    and the best search score."""
-    c = Counts(running=running)
-    for t in study.get_trials(deepcopy=False):
-        if not records.is_search_trial(t):
-            continue
-        if t.state == TrialState.COMPLETE:
-            c.complete += 1
-        elif t.state == TrialState.PRUNED:
-            c.pruned += 1
-        elif t.state == TrialState.FAIL and not records.is_interrupted(t):
-            c.failed += 1
-    if c.complete:
-        best = best_search_trial(study, multi)
-        c.best, c.best_trial = list(best.values), best.number
-    return c
-
-
-def best_search_trial(study: optuna.Study, multi: bool) -> optuna.trial.FrozenTrial:
-    """The trial with the best search score (the first of the Pareto front): baselines and duplicates left out."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if records.is_search_trial(t)]
-    if multi:
-        front = [t for t in study.best_trials if records.is_search_trial(t)]
-        return min(front or complete, key=lambda t: t.number)  # a front of baselines only: the first trial
-    sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-    return max(complete, key=lambda t: (sign * t.value, -t.number))
 
 
 class TrialLoop:
@@ -118,7 +91,9 @@ class TrialLoop:
         self.spec, self.stages = setup.spec, setup.stages
         self.trials_path: Path = setup.spec.run_dir / "trials.jsonl"
         self.active = 0  # trials asked and not yet told (in flight, prepared, waiting for a retry or a commit)
-        self.finished = 0
+        # counted once here, then one told trial at a time (search/trial_counts.py)
+        self.counts = TrialCounts.of(study.get_trials(deepcopy=False), list(study.directions))
+        self.finished = self.counts.done
         self.finished_this_session = 0
         self.retry: collections.deque[TrialRun] = collections.deque()
         self.prepared: TrialRun | None = None
@@ -131,11 +106,6 @@ class TrialLoop:
         self.scored = ScoredRecipes(study)  # no recipe built twice (search/scored_recipes.py)
 
     # ---- budget
-
-    def finished_count(self) -> int:
-        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        return sum(1 for t in self.study.get_trials(deepcopy=False, states=done)
-                   if not records.is_interrupted(t) and records.is_search_trial(t))
 
     def may_start_trial(self) -> bool:
         if self.scored.spent:
@@ -154,7 +124,6 @@ class TrialLoop:
 
     def run(self) -> None:
         self.deadline = time.monotonic() + self.spec.timeout if self.spec.timeout else None
-        self.finished = self.finished_count()
         free = collections.deque(self.pool.slots)
         self.loop_start = time.monotonic()
         for slot in self.pool.slots:
@@ -182,7 +151,8 @@ class TrialLoop:
                 self.prepared = self._new_trial()
             if not self.in_flight:
                 if not self.pool.live():
-                    raise UserError(f"no worker left: {self.pool.last_death}")
+                    # stopped as a crash loop is: finished trials told, the rest left for --resume
+                    raise WorkerCrashLoop(f"no worker left: {self.pool.last_death}")
                 self.commit_deferred(all_of_them=True)
                 break  # nothing running and nothing left to start
             ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
@@ -226,7 +196,8 @@ class TrialLoop:
             self.pool.replace(slot)  # the only way to stop a call Ray is running
             self._defer(run, TrialState.FAIL, reason=f"timed out after {limit:g} s", worker=slot)
             slot.free_since = now
-            free.append(slot)
+            if not slot.retired:  # retired: no node left had room for its replacement
+                free.append(slot)
 
     def _next_run(self) -> TrialRun | None:
         """Work for a free worker: a retry, the trial sampled ahead, or a new one; None when the budget is spent."""
@@ -363,6 +334,8 @@ class TrialLoop:
     def _worker_died(self, slot: Slot, run: TrialRun, e: Exception) -> None:
         reason = self.pool.worker_died(slot, e)
         run.timings.setdefault("deaths", []).append(reason)
+        if slot.retired:
+            self.progress.message(f"worker {slot.name}: {reason}; {slot.retired_why}")
         if run.attempts < MAX_ATTEMPTS:
             run.stages.clear()  # a retry starts from the first stage; reported steps stay reported
             self.retry.append(run)
@@ -418,6 +391,7 @@ class TrialLoop:
             frozen = self.study.tell(run.trial, state=state)
         records.append_trial(self.trials_path, records.trial_record(frozen))
         self.finished_this_session += 1
-        counts = study_counts(self.study, self.setup.multi, running=self.active)
+        self.counts.add(frozen)
+        counts = self.counts.counts(running=self.active)
         counts.finished_this_session = self.finished_this_session
         self.progress.trial_finished(counts, frozen, reason)

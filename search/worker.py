@@ -35,6 +35,35 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
 
+class _Laps:
+    """Seconds since the last lap, kept under a name."""
+
+    def __init__(self, into: dict[str, float]):
+        self.into, self.last = into, time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.into[name], self.last = round(now - self.last, 3), now
+
+
+def _import_model_code(models: dict[str, str]) -> None:
+    """Import transformers' modeling code for the models' types now (seconds, on a small machine), so that
+    the first candidate's live model does not wait for it. Best effort: a trial reports any real error."""
+    import json
+
+    try:
+        import transformers
+        from transformers.initialization import no_init_weights  # noqa: F401 (what building a model imports)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        for path in models.values():
+            model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+            if model_type:
+                MODEL_FOR_CAUSAL_LM_MAPPING[type(transformers.AutoConfig.for_model(model_type))]
+    except Exception:
+        pass
+
+
 class Worker:
     """Use through `ray.remote(Worker)`; plain Python so it can be tested and read without Ray."""
 
@@ -49,24 +78,44 @@ class Worker:
         threads: int | None = None,
         send_examples: bool = False,
     ):
+        # what the start costs, step by step (info()["startup_s"]; bench/bench_first_trial.py prints it)
+        self.startup_s: dict[str, float] = {"began": time.time()}
+        lap = _Laps(self.startup_s)
         import torch
 
         from objectives import build_objectives
+        from search.engine.errors import UserError
         from search.engine.materialize import Materializer
 
+        lap("imports")
         if threads:
             torch.set_num_threads(threads)
         self.worker_id = worker_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.seed = seed
         self.materializer = Materializer(models, self.device, allow_pickle=allow_pickle)
-        self.objectives = build_objectives(objective_specs, Path(base_dir))
         self.trial: int | None = None
         self.model = None
         self.tokenizer = None
         self.busy_s = 0.0
         # the paired pruner compares trials example by example: send the first objective's per-example results
         self.send_examples = send_examples
+        # The driver checks the objectives' specs only; building them is the workers' (once each): what only
+        # the built objectives can say wrong (an unknown lm-eval task, a metric the paired pruner cannot
+        # compare) is kept here and handed to the driver by info(), which says it in one line.
+        self.objectives, self.startup_error = [], None
+        try:
+            self.objectives = build_objectives(objective_specs, Path(base_dir))
+            if send_examples:
+                self.objectives[0].example_aggregations()
+            lap("objectives")
+            for objective in self.objectives:
+                objective.prepare()  # lm-eval's requests: now, while the driver is busy, not in the first trial
+            lap("requests")
+        except UserError as e:
+            self.startup_error = str(e)
+        _import_model_code(models)
+        lap("model code")
 
     def info(self) -> dict[str, Any]:
         import socket
@@ -79,7 +128,17 @@ class Worker:
         except Exception:  # not under Ray
             pass
         return {"worker": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(), "node": node,
-                "device": self.device}
+                "device": self.device, **self._sources_info(), "startup_error": self.startup_error,
+                "startup_s": self.startup_s,
+                "has_heldout": [getattr(o, "has_heldout", True) for o in self.objectives]}
+
+    def _sources_info(self) -> dict[str, Any]:
+        """How this worker keeps its sources (search/engine/memory_plan.py), and why, for the log and trials."""
+        try:
+            plan = self.materializer.memory_plan()
+        except Exception as e:  # a model folder that cannot be read fails the trials that use it, not the start
+            return {"sources": None, "sources_plan": _one_line(e)}
+        return {"sources": plan.mode, "sources_plan": plan.describe()}
 
     # ---- one trial, stage by stage -----------------------------------------
 

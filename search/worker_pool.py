@@ -13,19 +13,31 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import socket
+import sys
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
+from search import placement
 from search.engine.errors import UserError
+from search.engine.memory_plan import LIMIT_ENV
 from search.runspec import RunSpec
 from search.worker import OFFLINE_ENV, Worker
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join `address`, or start a local Ray (no dashboard); True if this call started it."""
+def connect_ray(address: str | None, worker_env: dict[str, str] | None = None) -> bool:
+    """Join `address`, or start a local Ray (no dashboard); True if this call started it. A local Ray's
+    processes are started with `worker_env` in their environment, so its workers inherit it: actors then
+    need no runtime_env of their own, and Ray gives them the workers it started at once instead of starting
+    new ones through its runtime-env agent (seconds on a small machine)."""
     import ray
 
+    while _ABANDONED:  # a Ray an earlier run started on a thread and abandoned: stopped before we look
+        _ABANDONED.pop().join()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
@@ -38,8 +50,9 @@ def connect_ray(address: str | None) -> bool:
             else:
                 # "local" always starts a fresh instance: a bare init() would join any Ray
                 # another program on this machine happens to run.
-                ray.init(address="local", include_dashboard=False, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+                with environment(worker_env or {}), no_thread_warning():
+                    ray.init(address="local", include_dashboard=False, **kwargs)
+        except Exception as e:  # ConnectionError, RuntimeError, ValueError, and a plain Exception when a node times out starting
             where = f"--ray-address {address}" if address else "a local Ray instance"
             raise UserError(f"cannot start or join {where}: {str(e).splitlines()[0]}") from None
         started = True
@@ -47,6 +60,79 @@ def connect_ray(address: str | None) -> bool:
     # the loop reports each death in one line, so these prints are switched off (the flag Ray's debugger uses)
     ray._private.worker._worker_logs_enabled = False
     return started
+
+
+class RayStart:
+    """connect_ray on a thread, begun as a run starts: Ray's processes come up (seconds) while the driver
+    checks the spec. `result()` is connect_ray's (or raises its UserError); pass it to WorkerPool."""
+
+    def __init__(self, address: str | None, worker_env: dict[str, str]):
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # what ray.init does on the main thread only: a SIGTERM exits through atexit, which stops Ray
+            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ray-start")
+        self.future = self.executor.submit(connect_ray, address, worker_env)
+
+    def result(self) -> bool:
+        return self.future.result()
+
+    def abandon(self) -> None:
+        """The run ended before its workers (a bad spec, say): its error is said at once, and a Ray this
+        started is stopped once it is up; the next connect_ray in this process waits for that."""
+        self.future.add_done_callback(_stop_if_started)
+        _ABANDONED.append(self)
+
+    def join(self) -> None:
+        self.executor.shutdown(wait=True)
+
+
+_ABANDONED: list[RayStart] = []
+
+
+def _stop_if_started(future: Future) -> None:
+    import ray
+
+    if future.exception() is None and future.result():
+        ray.shutdown()
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """os.environ with `values` set, as it was afterwards."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _NotMainThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "not the main thread" not in record.getMessage()
+
+
+@contextmanager
+def no_thread_warning():
+    """ray.init on a thread warns that it leaves SIGTERM alone: RayStart has handled it."""
+    logger, quiet = logging.getLogger("ray._private.worker"), _NotMainThread()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
+def worker_env(spec: RunSpec) -> dict[str, str]:
+    """Each worker's environment: offline hub, the spec's folder and this one on its path (custom
+    objectives import from there), and a memory limit set for the run (search/engine/memory_plan.py)."""
+    pythonpath = os.pathsep.join(p for p in [str(spec.base_dir), os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
+    limit = {LIMIT_ENV: os.environ[LIMIT_ENV]} if os.environ.get(LIMIT_ENV) else {}
+    return {**OFFLINE_ENV, "PYTHONPATH": pythonpath, **limit}
 
 
 def check_answers(address: str, timeout_s: float = 10.0) -> None:
@@ -63,21 +149,42 @@ def check_answers(address: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
-def worker_resources(workers: int) -> tuple[dict, int]:
-    """Actor options (one GPU each where there are GPUs) and torch threads per worker."""
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Each live node's resources (what it has in all, not what is free now), by node id."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus, cpus = res.get("GPU", 0), res.get("CPU", 1)
+    return {n["NodeID"]: dict(n["Resources"]) for n in ray.nodes() if n["Alive"]}
+
+
+def worker_resources(workers: int) -> tuple[dict, int]:
+    """Actor options and torch threads per worker: one GPU each where there are GPUs, and the largest share
+    of a CPU (up to one) with which all the workers fit, counted node by node (search/placement.py), so
+    that no worker waits for ever on a placement that cannot happen."""
+    nodes = alive_nodes()
+    gpus = sum(n.get("GPU", 0) for n in nodes.values())
+    cpus = sum(n.get("CPU", 0) for n in nodes.values()) or 1
+    need = {}
     if gpus >= 1:
-        if workers > gpus:
-            raise UserError(f"workers: {workers} workers but Ray sees {int(gpus)} GPUs; pass --workers {int(gpus)}")
-        return {"num_gpus": 1, "num_cpus": min(1.0, cpus / workers)}, max(1, int(cpus // workers))
-    return {"num_cpus": min(1.0, cpus / workers)}, max(1, int(cpus // workers))
+        fit = placement.actors_that_fit(nodes, {"GPU": 1})
+        if workers > fit:
+            raise UserError(f"workers: {workers} workers but Ray sees {int(gpus)} GPUs; pass --workers {fit}")
+        need = {"GPU": 1}
+    share = placement.cpu_share(nodes, workers, need)
+    if share is None and not need:
+        raise UserError(f"workers: {workers} workers do not fit the {cpus:g} CPUs of {len(nodes)} Ray node(s); "
+                        "pass fewer --workers or add nodes")
+    options = {"num_gpus": 1} if need else {}
+    options["num_cpus"] = share or 0  # a GPU node without CPUs to spare: its worker reserves none
+    # spread over the nodes: Ray would otherwise pack the first workers onto one node, each holding its
+    # sources in that node's memory and sharing its cores
+    options["scheduling_strategy"] = "SPREAD"
+    return options, max(1, int(cpus // workers))
 
 
 # Ray's death text: an exit detail, then a paragraph of common causes the one line leaves out
 _EXIT_DETAIL = re.compile(r"Worker exit detail: (.*?)(?: Some common causes include:|$)", re.S)
+# ... and when the actor's node left the cluster (removed, preempted, lost): its id, then how it went
+_NODE_DIED = re.compile(r"its node has died\. Node Id: ([0-9a-f]+)[ \t]*\n?[ \t]*(.*)")
 REASON_CHARS = 200
 # a slot's actors dying this many times in a row, none returning a call, stop the run (3 replacements tried)
 MAX_DEATHS_IN_A_ROW = 4
@@ -90,6 +197,10 @@ def death_reason(e: Exception) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(e).__name__]
     if "creation task" in text:  # the actor's __init__ raised: its last line is the exception
         return "worker failed to start: " + cut(lines[-1])
+    node = _NODE_DIED.search(text)
+    if node:
+        how = f" ({node.group(2).strip()})" if node.group(2).strip() else ""
+        return cut(f"worker died: its node {node.group(1)[:8]} left the cluster{how}")
     detail = _EXIT_DETAIL.search(text)
     if detail:
         said = " ".join(detail.group(1).split())
@@ -100,11 +211,24 @@ def death_reason(e: Exception) -> str:
     return "worker died: " + cut(lines[0])
 
 
+def dead_node(e: Exception) -> str | None:
+    """The id of the node whose death killed the actor, when that is how it died."""
+    node = _NODE_DIED.search(str(e))
+    return node.group(1) if node else None
+
+
 def cut(text: str, limit: int = REASON_CHARS) -> str:
     """`text` up to `limit` characters, cut at a word boundary."""
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+
+
+def worker_line(slot: Slot) -> str:
+    """'worker w0 on node 3f2a9c01 (cpu): sources shared-mmap: ...' from the worker's info."""
+    info = slot.info
+    node = (info.get("node") or info.get("host") or "?")[:8]
+    return f"worker {slot.name} on node {node} ({info.get('device')}): {info.get('sources_plan') or 'sources ?'}"
 
 
 class WorkerCrashLoop(UserError):
@@ -126,30 +250,59 @@ class Slot:
     free_since: float | None = None  # driver clock; to measure idle gaps
     deaths_in_a_row: int = 0  # deaths since the slot's last call that returned
     idle_gaps: list[float] = field(default_factory=list)
+    known: dict = field(default_factory=dict)  # what the actor said of itself (info()): node, pid, device
+    info_ref: Any = None  # a replacement's info() call, read once it has answered
+    retired_why: str | None = None
 
     @property
     def name(self) -> str:
         return f"w{self.index}" + (f".{self.generation}" if self.generation else "")
 
+    @property
+    def info(self) -> dict:
+        """What the slot's actor said of itself; a replacement's answer is read once it is in, without waiting
+        (its node stays None until then: a replacement may land on another node than the actor it replaces)."""
+        if self.info_ref is not None:
+            import ray
+
+            if ray.is_initialized() and ray.wait([self.info_ref], timeout=0)[0]:
+                ref, self.info_ref = self.info_ref, None
+                try:
+                    self.known = ray.get(ref)
+                except ray.exceptions.RayError:
+                    pass  # it died before answering: that death is handled where its call fails
+        return self.known
+
+    @info.setter
+    def info(self, value: dict) -> None:
+        self.known, self.info_ref = value, None
+
 
 class WorkerPool:
-    def __init__(self, spec: RunSpec, ray_address: str | None, send_examples: bool):
+    def __init__(self, spec: RunSpec, ray_address: str | None, send_examples: bool,
+                 ray_starting: RayStart | None = None):
         self.spec, self.ray_address, self.send_examples = spec, ray_address, send_examples
+        self.ray_starting = ray_starting  # Ray starting on a thread since the run began, or None: start() connects
         self.slots: list[Slot] = []
         self.started_ray = False
         self.last_death: str | None = None
 
-    def start(self) -> None:
+    def start(self, log: Callable[[str], None] | None = None) -> None:
         """Start Ray (or join it) and one actor per slot; return once every actor has built its objectives,
-        so the run's clock measures trials, not start-up."""
+        so the run's clock measures trials, not start-up. `log` gets one line per worker: where it runs and
+        how it keeps the source models (resident, shared-mmap or streamed)."""
         import ray
 
-        self.started_ray = connect_ray(self.ray_address)
+        env = worker_env(self.spec)
+        if self.ray_starting is None:
+            self.started_ray = connect_ray(self.ray_address, env)
+        else:
+            self.started_ray = self.ray_starting.result()
+        self.ray_starting = None
         self.actor_options, self.threads = worker_resources(self.spec.workers)
-        pythonpath = os.pathsep.join(
-            p for p in [str(self.spec.base_dir), os.getcwd(), os.environ.get("PYTHONPATH", "")] if p
-        )
-        self.actor_options["runtime_env"] = {"env_vars": {**OFFLINE_ENV, "PYTHONPATH": pythonpath}}
+        if not (self.started_ray and self.ray_address is None):  # a local Ray started here has it already
+            # on every node of a cluster (a memory limit set for the run too: search/engine/memory_plan.py)
+            self.actor_options["runtime_env"] = {"env_vars": env}
         self.remote_worker = ray.remote(Worker)
         self.slots = [Slot(i) for i in range(self.spec.workers)]
         for slot in self.slots:
@@ -160,6 +313,10 @@ class WorkerPool:
                 slot.info = ray.get(infos[slot.index])
             except ray.exceptions.RayActorError as e:
                 raise UserError(f"worker {slot.name}: {death_reason(e)}") from None
+            if slot.info.get("startup_error"):  # what only the built objectives can say wrong (search/worker.py)
+                raise UserError(slot.info["startup_error"])
+            if log is not None:
+                log(worker_line(slot))
 
     def _spawn(self, slot: Slot) -> None:
         spec = self.spec
@@ -168,15 +325,37 @@ class WorkerPool:
             self.send_examples,
         )
 
-    def replace(self, slot: Slot) -> None:
+    def replace(self, slot: Slot, gone: str | None = None) -> bool:
+        """Kill the slot's actor and start its next one; True if started. When no live node has room for it
+        (`gone`, the node the actor died with, left the cluster and the nodes left are full), the slot is
+        retired instead: Ray would keep a worker it cannot place pending for ever, and its calls with it."""
         import ray
 
         try:
             ray.kill(slot.handle, no_restart=True)
         except Exception:
             pass
+        need = placement.demand(getattr(self, "actor_options", {}))
+        if not self._room_for(slot, need, gone):
+            slot.retired, slot.handle = True, None
+            slot.retired_why = (f"no node left has room for a replacement ({placement.describe(need)}); "
+                                f"the run goes on with {len(self.live())} worker(s)")
+            return False
         slot.generation += 1
         self._spawn(slot)
+        slot.info = {}
+        slot.info_ref = slot.handle.info.remote()
+        return True
+
+    def _room_for(self, slot: Slot, need: dict, gone: str | None) -> bool:
+        """Whether some live node holds `slot`'s next actor beside the pool's other workers. The pool counts on
+        the cluster being the run's; an actor other jobs keep from its room waits, as Ray actors do, until
+        trial_timeout."""
+        nodes = alive_nodes()
+        nodes.pop(gone, None)
+        held = [other.info.get("node") for other in self.live() if other is not slot and other.handle is not None]
+        free, unplaced = placement.free_after(nodes, held, need)
+        return placement.actors_that_fit(free, need) > unplaced
 
     def worker_died(self, slot: Slot, e: Exception) -> str:
         """Replace the slot's actor after it died (or retire the slot if it cannot start); the reason.
@@ -194,8 +373,9 @@ class WorkerPool:
         if reason.startswith("worker failed to start"):
             # a replacement that cannot start will not start next time either: stop using the slot
             slot.retired, slot.handle = True, None
+            slot.retired_why = f"the run goes on with {len(self.live())} worker(s)"
         else:
-            self.replace(slot)
+            self.replace(slot, gone=dead_node(e))
         return reason
 
     def live(self) -> list[Slot]:
@@ -204,6 +384,10 @@ class WorkerPool:
     def stop(self) -> None:
         import ray
 
+        if self.ray_starting is not None:  # stopped before start() got its Ray
+            self.ray_starting.abandon()
+            self.ray_starting = None
+            return
         for slot in self.slots:
             if slot.handle is not None:
                 try:

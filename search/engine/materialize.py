@@ -1,6 +1,9 @@
 """Materializer: turn a recipe into tensors or a live model, in memory, as mergekit 0.1.5 builds it.
 
-Source models are loaded once, on first use, and stay resident. `state_dict()`
+Source models are loaded once, on first use, and kept: memory-mapped on the CPU
+(shared with the node's other workers), copied to the GPU when they fit there, or
+left mapped and streamed to it job by job when they do not (memory_plan.py,
+streaming.py); every mode gives the same bits. `state_dict()`
 gives exactly the tensors `mergekit-yaml` would write (same names, shapes,
 dtypes and bytes). `materialize()` gives a live transformers model for search
 workers: a candidate is written into the preallocated parameters of a resident
@@ -15,6 +18,7 @@ mergekit-multi would have written them in, so the next stage sees the same bytes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -23,10 +27,21 @@ from typing import TYPE_CHECKING
 import torch
 
 from search.engine.errors import UserError
+from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
 from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
-from search.engine.sources import CONVERT_PIECE, SourceModel, TensorInfo, convert_into, load_source, read_config, read_tensor_infos
+from search.engine.sources import (
+    CONVERT_PIECE,
+    SourceModel,
+    TensorInfo,
+    convert_into,
+    load_source,
+    read_config,
+    read_tensor_infos,
+    source_bytes,
+)
+from search.engine.streaming import SourceStream, StreamedJobs
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers
@@ -66,13 +81,21 @@ class Materializer:
         cache_bytes: int = 2 << 30,
         resident_models: int = 2,
         keep_converted: bool = True,
+        memory_limit: int | None = None,
+        sources: str | None = None,
+        stage_sources: bool = False,
     ):
         """models: name as written in recipes -> local HF folder (names that are local
         folders themselves need no entry). cache_bytes bounds the per-pair statistics
         kept across candidates; resident_models bounds the preallocated live models
         (one per output shape). keep_converted: keep each source tensor converted to a
         recipe's `dtype:` for the next candidate (a copy of the sources in that dtype);
-        False converts tensor by tensor into reused buffers, for a one-shot build."""
+        False converts tensor by tensor into reused buffers, for a one-shot build.
+        memory_limit: bytes the sources, a candidate and evaluation may use (default:
+        MERGESEARCH_MEMORY_LIMIT, else the device's free memory); sources: "streamed"
+        or "resident" forces the mode instead. stage_sources: copy streamed sources
+        into staging buffers on the device job by job (always done when streaming to a
+        GPU; True does it on the CPU too: a GPU's streamed path, run without a GPU)."""
         self.model_map = {k: str(v) for k, v in models.items()}
         self.device = device
         self.allow_pickle = allow_pickle
@@ -84,6 +107,11 @@ class Materializer:
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
         self.keep_converted = keep_converted
+        self.memory_limit = memory_limit
+        self._forced_mode = sources
+        self._memory: MemoryPlan | None = None
+        self._stage_sources = stage_sources
+        self._stream: SourceStream | None = None
 
     # ---- sources -----------------------------------------------------------------
 
@@ -91,10 +119,35 @@ class Materializer:
         return resolve_model_path(name, self.model_map)
 
     def source(self, name: str) -> SourceModel:
-        """A source model, loaded on first use and kept resident."""
+        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed)."""
         if name not in self._sources:
-            self._sources[name] = load_source(name, self.path(name), self.device, self.allow_pickle)
+            where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
+            self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
         return self._sources[name]
+
+    def memory_plan(self, plans: list | None = None) -> MemoryPlan:
+        """How the sources are kept, decided once, before the first source loads: the sources of the
+        model map (and of `plans`, the first recipe), one candidate (the recipe's output, else the
+        largest source) and evaluation headroom against the device's free memory or the limit."""
+        if self._memory is None:
+            names = list(self.model_map) + [m for p in plans or [] if isinstance(p, StagePlan) for m in _read_models(p)]
+            sizes = _source_sizes(self, names)
+            final = (plans or [None])[-1]
+            candidate = max(sizes, default=0)  # a candidate of a source's shape, until a recipe says
+            if isinstance(final, StagePlan):
+                candidate = sum(t.numel_bytes for t in final.output.tensors.values())
+            plan = plan_memory(sum(sizes), candidate, str(self.device), self.memory_limit)
+            if self._forced_mode is not None:
+                plan = dataclasses.replace(plan, mode=forced_mode(self._forced_mode, str(self.device)), limit_from="forced")
+            self._memory = plan
+        return self._memory
+
+    @property
+    def streamed(self) -> bool:
+        return self.memory_plan().mode == STREAMED
+
+    def _keeps_converted(self) -> bool:
+        return self.keep_converted and not self.streamed  # streamed: no converted copy of the sources
 
     def add_source(self, source: SourceModel) -> None:
         """Make an already loaded model available to recipes under `source.name` (kept resident)."""
@@ -233,6 +286,7 @@ class Materializer:
     # ---- internals ---------------------------------------------------------------
 
     def _build(self, plans, seed, outputs: "_ResidentModel | None"):
+        self.memory_plan(plans)  # decided before the first source loads
         earlier: dict[str, SourceModel] = {}
         config, tensors = {}, {}
         for k, plan in enumerate(plans):
@@ -256,41 +310,78 @@ class Materializer:
     def _run_stage(self, plan: StagePlan, earlier: dict[str, SourceModel], generator, outputs: "_ResidentModel | None"):
         ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers)
         results: dict[str, torch.Tensor] = {}
-        for job in plan.execution_order():
-            inputs, transient = self._inputs(plan, job, earlier, ctx)
-            native = inputs.tensors[0].dtype
-            target = outputs.owned.get(job.name) if outputs is not None else None
-            ctx.out = target if (target is not None and target.dtype == native) else None
-            if job.take_only_input:
-                result = inputs.tensors[0]
-            else:
-                result = plan.method.merge(inputs, job.shared, job.per_input, ctx)
-            if plan.out_dtype is not None and result.dtype != plan.out_dtype:
-                if target is not None and target.dtype == plan.out_dtype:
-                    result = target.copy_(result)
-                else:
-                    result = result.to(plan.out_dtype)
-            aliased = any(result is t for t in inputs.tensors)
-            if any(result is t for t in transient):  # a buffer the next tensor's conversion reuses
-                result = target.copy_(result) if ctx.out is not None else result.clone()
-                aliased = False
-            results[job.name] = result
-            if outputs is not None:
-                outputs.assign(job.name, result, aliased=aliased)
+        jobs = list(plan.execution_order())
+        streamed = self._streamed_jobs(jobs, earlier)
+        try:
+            for k, job in enumerate(jobs):
+                staged = streamed.take(k) if streamed is not None else None
+                if streamed is None and self.streamed and k + 1 < len(jobs):
+                    self._read_ahead(jobs[k + 1], earlier)
+                self._run_job(plan, job, earlier, ctx, staged, results, outputs)
+                if streamed is not None:
+                    streamed.done(k)
+        finally:
+            if streamed is not None:
+                streamed.close()
         ctx.out = None
         # The output in plan order (pre, layers, post), like mergekit's shards.
         return {j.name: results[j.name] for j in plan.jobs}
 
-    def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel], ctx: Context) -> tuple[Inputs, list[torch.Tensor]]:
-        """The job's inputs in the work dtype, and which of them are converted into reused buffers."""
+    def _run_job(self, plan: StagePlan, job: Job, earlier, ctx: Context, staged, results: dict, outputs) -> None:
+        """One output tensor: merged (or taken) from its inputs, kept in `results` and given to `outputs`."""
+        inputs, transient = self._inputs(plan, job, earlier, ctx, staged)
+        native = inputs.tensors[0].dtype
+        target = outputs.owned.get(job.name) if outputs is not None else None
+        ctx.out = target if (target is not None and target.dtype == native) else None
+        if job.take_only_input:
+            result = inputs.tensors[0]
+        else:
+            result = plan.method.merge(inputs, job.shared, job.per_input, ctx)
+        if plan.out_dtype is not None and result.dtype != plan.out_dtype:
+            if target is not None and target.dtype == plan.out_dtype:
+                result = target.copy_(result)
+            else:
+                result = result.to(plan.out_dtype)
+        aliased = any(result is t for t in inputs.tensors)
+        if any(result is t for t in transient):  # a buffer the next tensor's conversion reuses
+            result = target.copy_(result) if ctx.out is not None else result.clone()
+            aliased = False
+        results[job.name] = result
+        if outputs is not None:
+            outputs.assign(job.name, result, aliased=aliased)
+
+    def _streamed_jobs(self, jobs: list[Job], earlier: dict[str, SourceModel]) -> StreamedJobs | None:
+        """Streamed sources copied to the device job by job, or None where the passes read them in place."""
+        if not (self._stage_sources or (self.streamed and torch.device(self.device).type != "cpu")):
+            return None
+        if self._stream is None:
+            self._stream = SourceStream(self.device)
+        host = [[None if m in earlier else self.source(m).tensors[n] for m, n in zip(j.models, j.tensors)] for j in jobs]
+        return StreamedJobs(self._stream, host)
+
+    def _read_ahead(self, job: Job, earlier: dict[str, SourceModel]) -> None:
+        """Streamed on the CPU: the kernel starts reading the next job's mapped pages while this one computes."""
+        for m, n in zip(job.models, job.tensors):
+            if m not in earlier:
+                self.source(m).read_ahead([n])
+
+    def _inputs(self, plan: StagePlan, job: Job, earlier: dict[str, SourceModel], ctx: Context,
+                staged: list[torch.Tensor | None] | None = None) -> tuple[Inputs, list[torch.Tensor]]:
+        """The job's inputs in the work dtype, and which of them live in reused buffers (conversions,
+        streamed staging slots). staged: the job's source tensors already copied to the device."""
         sources = [earlier[m] if m in earlier else self.source(m) for m in job.models]
         dtypes = [s.tensors[n].dtype for s, n in zip(sources, job.tensors)]
         work = plan.dtype or promoted_dtype(dtypes)
         tensors, keys, transient = [], [], []
+        keep_converted = self._keeps_converted()
         for slot, (m, s, n) in enumerate(zip(job.models, sources, job.tensors)):
             resident = m not in earlier  # intermediates change with every candidate: never cached
-            stored = s.tensors[n]
-            if stored.dtype == work or (resident and self.keep_converted):
+            is_staged = staged is not None and staged[slot] is not None
+            stored = staged[slot] if is_staged else s.tensors[n]
+            if is_staged and stored.dtype == work:  # a staging slot, refilled two jobs later
+                tensors.append(stored)
+                transient.append(stored)
+            elif not is_staged and (stored.dtype == work or (resident and keep_converted)):
                 tensors.append(s.tensor(n, work))
             else:
                 buffer = ctx.scratch(_CONVERSION_SLOTS + slot, stored.numel(), work, stored.device)
@@ -406,6 +497,25 @@ def _tokenizer_donor(stage: Recipe) -> str:
         if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
             return stage.tokenizer["source"]
     return stage.base_model or stage.referenced_models()[0]
+
+
+
+def _source_sizes(mat: Materializer, names: list[str]) -> list[int]:
+    """Bytes of each distinct source folder these names stand for (names that resolve to none are skipped:
+    a model no recipe may use; its error comes when one does)."""
+    sizes = {}
+    for name in dict.fromkeys(names):
+        try:
+            path = mat.path(name).resolve()
+            if path not in sizes:
+                sizes[path] = source_bytes(name, path, mat.allow_pickle)
+        except UserError:
+            continue
+    return list(sizes.values())
+
+
+def _read_models(plan: StagePlan) -> list[str]:
+    return [m for job in plan.jobs for m in job.models]
 
 
 __all__ = ["Materializer", "resolve_model_path"]

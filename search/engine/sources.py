@@ -1,13 +1,26 @@
-"""Source models: a local HF folder read once into memory and kept there.
+"""Source models: a local HF folder, loaded once and kept.
+
+On the CPU a safetensors source is not read into the process: each tensor is a view
+of a private (copy-on-write) memory mapping of its file, so its pages are the page
+cache's, read on first use and shared by every worker on the node that maps the same
+file. Nothing writes into a source tensor (a write would copy the page into this
+process and change the source for later candidates). On a GPU the mapped tensors are
+copied to the device once ("resident"), or stay mapped and are streamed
+(search/engine/memory_plan.py).
 
 Only safetensors are read by default: a pickle checkpoint (`.bin`, `.pt`) can run
-code when it is loaded, so it needs `allow_pickle=True`.
+code when it is loaded, so it needs `allow_pickle=True`; it is loaded into the process.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import os
 import pickle
+import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from search.engine.errors import UserError
+from search.engine.weight_files import PICKLE_FILES, read_json, safetensors_files
 
-_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "consolidated.00.pth")
 
 
 @dataclass
@@ -25,9 +38,29 @@ class SourceModel:
     name: str
     path: Path
     config: dict  # config.json contents
-    tensors: dict[str, torch.Tensor]  # every stored tensor, resident on the device
+    tensors: dict[str, torch.Tensor]  # every stored tensor: on the device, or views of the mapped files
     # The same tensors converted to another dtype, made once on first use (a recipe's `dtype:`).
     converted: dict[torch.dtype, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+    # name -> (mapping, byte offset, byte length) of the tensors that are views of a mapped file
+    regions: dict[str, tuple[mmap.mmap, int, int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.regions)
+
+    def read_ahead(self, names) -> None:
+        """Ask the kernel to start reading these tensors' pages from disk (streamed sources: the
+        next pass's inputs load while this one computes). A hint: nothing waits for it."""
+        for name in names:
+            region = self.regions.get(name)
+            if region is None:
+                continue
+            mm, start, length = region
+            aligned = start - start % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_WILLNEED, aligned, length + start - aligned)
+            except (OSError, ValueError, AttributeError):  # a platform without madvise: reads fault pages in
+                return
 
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self.tensors[name]
@@ -67,6 +100,10 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
 
+    @property
+    def numel_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
 
 # safetensors header dtype names -> torch dtypes (search/engine/output.py writes headers with the inverse)
 SAFETENSORS_DTYPES = {
@@ -91,48 +128,12 @@ def read_config(name: str, path: Path) -> dict:
         raise UserError(f"model {name}: {path} does not exist; check the path or --model-map")
     if not cfg.is_file():
         raise UserError(f"model {name}: {path} has no config.json; point it at a Hugging Face model folder")
-    return _read_json(name, cfg)
-
-
-def _read_json(name: str, path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"model {name}: {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"model {name}: {path} is not UTF-8 text; re-download or re-save the model") from None
+    return read_json(name, cfg)
 
 
 def _unreadable(name: str, file: Path, e: Exception) -> UserError:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return UserError(f"model {name}: {file} is not a readable safetensors file ({reason}); re-download or re-save it")
-
-
-def safetensors_files(name: str, path: Path, allow_pickle: bool = False) -> list[Path]:
-    """The weight files of a folder; UserError when there are none or only pickles."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(name, index).get("weight_map", {})
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UserError(f"model {name}: shard {missing[0]} listed in {index.name} is missing; re-download the model")
-        return files
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    loose = sorted(path.glob("*.safetensors"))
-    if loose:
-        return loose
-    pickles = [p for p in _PICKLE_FILES if (path / p).exists()] + [p.name for p in sorted(path.glob("pytorch_model-*.bin"))]
-    if pickles:
-        if allow_pickle:
-            return []
-        raise UserError(
-            f"model {name}: {path / pickles[0]} is a pickle checkpoint, which can run code when loaded; "
-            "convert it to safetensors, or pass allow_pickle=True if you trust it"
-        )
-    raise UserError(f"model {name}: {path} holds no model.safetensors; point it at a folder with safetensors weights")
 
 
 def read_tensor_infos(name: str, path: Path, allow_pickle: bool = False) -> dict[str, TensorInfo]:
@@ -154,8 +155,8 @@ def read_tensor_infos(name: str, path: Path, allow_pickle: bool = False) -> dict
 
 def _load_pickles(name: str, path: Path) -> dict[str, torch.Tensor]:
     index = path / "pytorch_model.bin.index.json"
-    files = sorted({path / f for f in _read_json(name, index).get("weight_map", {}).values()}) if index.is_file() else []
-    files = files or [path / p for p in _PICKLE_FILES if (path / p).is_file() and p.endswith((".bin", ".pt", ".pth"))]
+    files = sorted({path / f for f in read_json(name, index).get("weight_map", {}).values()}) if index.is_file() else []
+    files = files or [path / p for p in PICKLE_FILES if (path / p).is_file() and p.endswith((".bin", ".pt", ".pth"))]
     out = {}
     for f in files:
         try:
@@ -172,16 +173,76 @@ def _load_pickles(name: str, path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_source(name: str, path: Path, device: str = "cpu", allow_pickle: bool = False) -> SourceModel:
+    """The model at `path`: safetensors mapped (on the CPU) or mapped and copied to `device`."""
     path = Path(path)
     config = read_config(name, path)
     files = safetensors_files(name, path, allow_pickle)
     tensors: dict[str, torch.Tensor] = {}
+    regions: dict[str, tuple[mmap.mmap, int, int]] = {}
     if files:
         for f in files:
-            try:
-                tensors.update(load_file(f, device=device))
-            except SafetensorError as e:
-                raise _unreadable(name, f, e) from None
+            mapped = map_safetensors(name, f)
+            if mapped is None:  # a dtype or byte order a view cannot express: read it as before
+                try:
+                    tensors.update(load_file(f, device=device))
+                except SafetensorError as e:
+                    raise _unreadable(name, f, e) from None
+                continue
+            for key, (t, region) in mapped.items():
+                if device == "cpu":
+                    tensors[key] = t
+                    if region is not None:
+                        regions[key] = region
+                else:  # one tensor at a time: the host holds no more than the page cache does
+                    tensors[key] = t.to(device)
     else:
         tensors = {k: v.to(device) for k, v in _load_pickles(name, path).items()}
-    return SourceModel(name=name, path=path, config=config, tensors=tensors)
+    return SourceModel(name=name, path=path, config=config, tensors=tensors, regions=regions)
+
+
+def map_safetensors(name: str, file: Path) -> dict[str, tuple[torch.Tensor, tuple[mmap.mmap, int, int] | None]] | None:
+    """Each tensor of a safetensors file as a view of one copy-on-write mapping of the file, with its
+    region; None when a tensor's dtype has no torch equivalent here or the host is big-endian."""
+    try:
+        with safe_open(file, framework="pt"):  # the header checks load_file makes, and its messages
+            pass
+    except SafetensorError as e:
+        raise _unreadable(name, file, e) from None
+    if sys.byteorder != "little":  # safetensors is little-endian: views would read swapped bytes
+        return None
+    with open(file, "rb") as fh:
+        # ACCESS_COPY (MAP_PRIVATE): pages are the page cache's until written; a write (none is
+        # made) would copy the page into this process, never reach the file or another worker.
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    (header_len,) = struct.unpack("<Q", mm[:8])
+    header = json.loads(mm[8 : 8 + header_len])
+    data_start = 8 + header_len
+    out = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            return None
+        shape = tuple(entry["shape"])
+        begin, end = entry["data_offsets"]
+        numel = math.prod(shape)
+        offset = data_start + begin
+        if numel == 0:
+            out[key] = (torch.empty(shape, dtype=dtype), None)
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=offset).view(shape)
+        if offset % t.element_size():  # a writer that did not align its tensors: a copy keeps kernels aligned
+            out[key] = (t.clone(), None)
+            continue
+        out[key] = (t, (mm, offset, end - begin))
+    return out
+
+
+def source_bytes(name: str, path: Path, allow_pickle: bool = False) -> int:
+    """Bytes of a source's weight files (what it takes in memory, give or take the headers)."""
+    path = Path(path)
+    files = safetensors_files(name, path, allow_pickle)
+    if not files:  # pickles the caller allowed
+        files = [p for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+    return sum(os.path.getsize(f) for f in files)

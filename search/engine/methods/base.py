@@ -29,6 +29,10 @@ BasePolicy = Literal["required", "optional", "ignored"]
 # (1 MiB a buffer) stays in cache. A multiple of every SIMD width: a piece ends
 # where torch's vector loop would, so no element takes a different code path.
 CHUNK = 1 << 18
+# On accelerators a piece is one kernel launch per op: large pieces (a 7B model's tensors are
+# at most 131M elements: two pieces), so launches cost nothing beside the memory traffic,
+# while float32 scratch stays bounded (256 MiB a buffer).
+DEVICE_PIECE = 1 << 26
 
 
 @dataclass
@@ -116,8 +120,8 @@ def pieces(n: int, chunk: int = CHUNK):
 
 
 def piece_size(t: torch.Tensor) -> int:
-    """Cache-sized pieces on the CPU; one piece on accelerators (where launches cost more than caches save)."""
-    return CHUNK if t.device.type == "cpu" else max(1, t.numel())
+    """Cache-sized pieces on the CPU; large ones on accelerators (where launches cost more than caches save)."""
+    return CHUNK if t.device.type == "cpu" else DEVICE_PIECE
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,26 @@ reads the two inputs and writes the output once, at about the speed of a copy.
 The fused kernel is torch.compile (Inductor) on the CPU. Inductor compiles C++
 with -ffp-contract=off, so a * ca + b * cb is two roundings-to-float32 products
 and a rounded sum, as in eager torch: the results are the same bits (tested in
-tests/test_methods_vs_mergekit.py::test_fused_pass_is_bit_exact). Compiling
-takes seconds once per process (then Inductor's on-disk cache), so only tensors
-of FUSE_MIN_NUMEL elements or more use it; set MERGESEARCH_COMPILE=0 to never
-compile. Without a working compiler, or on other devices, the pass runs as
-eager torch ops over cache-sized pieces.
+tests/test_methods_vs_mergekit.py::test_fused_pass_is_bit_exact). Only tensors
+of FUSE_MIN_NUMEL elements or more use it, and only where compiling pays back:
+compiling costs seconds once per process (~3-5 s on a quiet 2-core machine with
+Inductor's on-disk cache warm, several times that cold; the cache is Inductor's
+own, /tmp/torchinductor_<user> or $TORCHINDUCTOR_CACHE_DIR, kept across runs),
+and the fused pass saves about half a nanosecond per element over the eager
+pieces. So by default (MERGESEARCH_COMPILE unset) a process merges eagerly until
+it has passed PAYBACK_NUMEL elements through them, the work over which compiling
+first would have paid back, and compiles then: never more than about twice the
+cost of the better choice in hindsight, and no compile for small models, short
+runs or a worker's first trial. MERGESEARCH_COMPILE=1 compiles at once,
+MERGESEARCH_COMPILE=0 never. Without a working compiler the pass runs as eager
+torch ops over cache-sized pieces.
+
+On a GPU nothing is compiled by Inductor (whose Triton code may contract a * ca + b
+into one fma, a different rounding). The pass is a hand-written Triton kernel built
+with fp fusion off (search/engine/methods/fused_triton.py), checked bit for bit
+against the eager ops once per device and dtypes before it is used; otherwise, or
+without Triton, three eager kernels over large pieces (mul, mul, add: mergekit's own
+ops, rounded as they round). No value comes back to the host either way.
 """
 
 from __future__ import annotations
@@ -22,13 +37,17 @@ import os
 
 import torch
 
+from search.engine.methods import fused_triton
 from search.engine.methods.base import Context, piece_size, pieces
 
 FUSE_MIN_NUMEL = 1 << 20
+# elements merged eagerly before compiling pays back: ~4 s of compiling / ~0.5 ns saved per element
+PAYBACK_NUMEL = 8_000_000_000
 LOG = logging.getLogger(__name__)
 
 _compiled = None
 _compile_failed = False
+_eager_numel = 0  # elements of FUSE_MIN_NUMEL-sized tensors merged eagerly in this process
 
 
 def _weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor) -> None:
@@ -47,12 +66,10 @@ def _fused():
 
 
 def use_fused(t: torch.Tensor) -> bool:
-    return (
-        t.device.type == "cpu"
-        and t.numel() >= FUSE_MIN_NUMEL
-        and os.environ.get("MERGESEARCH_COMPILE", "1") != "0"
-        and not _compile_failed
-    )
+    setting = os.environ.get("MERGESEARCH_COMPILE")
+    if t.device.type != "cpu" or t.numel() < FUSE_MIN_NUMEL or setting == "0" or _compile_failed:
+        return False
+    return setting == "1" or _eager_numel >= PAYBACK_NUMEL
 
 
 def weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor, ctx: Context) -> None:
@@ -60,6 +77,9 @@ def weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.T
     ca, cb: one-element tensors of the working float dtype."""
     fa, fb, fo = a.reshape(-1), b.reshape(-1), out.view(-1)
     ca, cb = ca.reshape(1), cb.reshape(1)
+    if fo.device.type != "cpu":
+        device_weighted_sum(fa, fb, ca, cb, fo, ctx)
+        return
     if use_fused(fo):
         kernel = _fused()
         if kernel is not None:
@@ -70,6 +90,9 @@ def weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.T
                 global _compile_failed
                 _compile_failed = True
                 LOG.warning("compiled merge pass failed (%s); merging with eager torch ops", e)
+    if fo.numel() >= FUSE_MIN_NUMEL:
+        global _eager_numel
+        _eager_numel += fo.numel()
     eager_weighted_sum(fa, fb, ca, cb, fo, ctx)
 
 
@@ -86,3 +109,19 @@ def eager_weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: t
         pb.mul_(xb)
         pa.add_(pb)
         out[start:end].copy_(pa)
+
+
+def device_weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor, ctx: Context) -> None:
+    """The pass on an accelerator: the verified fused kernel, else mergekit's eager ops over large
+    pieces; ca and cb stay on the device (no .item(), no host round trip)."""
+    if fused_triton.weighted_sum(a, b, ca, cb, out):
+        return
+    dtype = ca.dtype
+    for start, end in pieces(out.numel(), piece_size(out)):
+        pa = ctx.scratch(1, end - start, dtype, a.device)
+        pb = ctx.scratch(2, end - start, dtype, a.device)
+        # mul converts a in the kernel (exact) and rounds the product to ca's dtype, as
+        # a.to(float32) * ca does; add rounds the sum to float32, then to out's dtype on store.
+        torch.mul(a[start:end], ca, out=pa)
+        torch.mul(b[start:end], cb, out=pb)
+        torch.add(pa, pb, out=out[start:end])

@@ -43,15 +43,21 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in inputs.tensors]
     n = flat_out.numel()
+    on_cpu = first.device.type == "cpu"
     for start, end in pieces(n, piece_size(flat_out)):
         acc = ctx.scratch(0, end - start, acc_dtype, first.device)
-        piece = ctx.scratch(1, end - start, acc_dtype, first.device)
         acc.zero_()
         for x, c in zip(flats, coefs):
-            # Converting first is what torch does for a mixed-dtype addcmul_; done here
-            # explicitly, the addcmul_ itself runs on its fast same-dtype path.
-            piece.copy_(x[start:end])
-            acc.addcmul_(piece, c)
+            if on_cpu:
+                # Converting first is what torch does for a mixed-dtype addcmul_; done here
+                # explicitly, the addcmul_ itself runs on its fast same-dtype path.
+                piece = ctx.scratch(1, end - start, acc_dtype, first.device)
+                piece.copy_(x[start:end])
+                acc.addcmul_(piece, c)
+            else:
+                # mergekit's own op on its own operands: CUDA's addcmul_ is one fma per element
+                # (a + x * c rounded once), converting x in the kernel; one pass, no scratch copy.
+                acc.addcmul_(x[start:end], c)
         if normalize:
             acc.div_(denominator)
         flat_out[start:end].copy_(acc)

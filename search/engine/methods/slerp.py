@@ -53,14 +53,29 @@ def pair_statistics(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.
     return dot, dot.abs() > DOT_THRESHOLD
 
 
-def coefficients(t: float, dot: torch.Tensor, colinear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def angle(dot: torch.Tensor, colinear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(theta, sin(theta)) of a pair, as mergekit computes them: kept with the pair's statistics,
+    so that a candidate launches only the kernels that depend on t (a GPU's cost is per launch)."""
+    theta = torch.acos(torch.where(colinear, 0, dot))
+    return theta, torch.sin(theta)
+
+
+def coefficients(t: float, dot: torch.Tensor, colinear: torch.Tensor, theta_sin: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(coefficient of a, coefficient of b) for one t, as [1, 1] tensors of the work dtype."""
     t = torch.tensor([t], dtype=dot.dtype, device=dot.device).reshape(-1, 1)
-    theta = torch.acos(torch.where(colinear, 0, dot))
-    sin_theta = torch.sin(theta)
+    theta, sin_theta = theta_sin or angle(dot, colinear)
     coef_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
     coef_b = torch.where(colinear, t, torch.sin(t * theta) / sin_theta)
     return coef_a, coef_b
+
+
+def selected_side(t: float, dtype: torch.dtype) -> str | None:
+    """"a" when t rounds to 0 in the work dtype, "b" when it rounds to 1: then the coefficients are
+    exactly (1, 0) or (0, 1) for any finite pair (sin(theta)/sin(theta) is 1, sin(0) is 0; colinear:
+    1 - t and t). Other t may give them too (t that underflows in t * theta): those are computed,
+    which stores the same bytes."""
+    rounded = float(torch.tensor(t, dtype=dtype))
+    return "a" if rounded == 0.0 else "b" if rounded == 1.0 else None
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
@@ -72,22 +87,29 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
         raise TypeError("slerp needs floating-point tensors")
     if a.numel() == 0:
         return a.clone()
-    dot, colinear = ctx.cache.get(inputs.pair_key("slerp"), lambda: pair_statistics(a, b, *_stat_buffers(a, ctx)))
-    coef_a, coef_b = coefficients(shared["t"], dot, colinear)
+    dot, colinear, *theta_sin = ctx.cache.get(inputs.pair_key("slerp"), lambda: _pair_entry(a, b, ctx))
+    coef_a, coef_b = coefficients(shared["t"], dot, colinear, tuple(theta_sin))
 
     # t that selects one side exactly: mergekit stores that side's bytes when the
     # other side's zero product cannot change them (no -0, NaN or inf involved).
+    # Decided on the host from t alone, so that a GPU never waits for its coefficients.
     ka, kb = (inputs.keys[inputs.base_index], inputs.keys[1 - inputs.base_index])
-    if float(coef_a) == 1.0 and float(coef_b) == 0.0:
+    side = selected_side(shared["t"], dot.dtype)
+    if side == "a":
         if copy_safe(ctx, ka, a) and finite(ctx, kb, b):
             return a
-    elif float(coef_a) == 0.0 and float(coef_b) == 1.0:
+    elif side == "b":
         if copy_safe(ctx, kb, b) and finite(ctx, ka, a):
             return b
 
     out = ctx.output_like(a)
     weighted_sum(a, b, coef_a, coef_b, out, ctx)
     return out
+
+
+def _pair_entry(a: torch.Tensor, b: torch.Tensor, ctx: Context) -> tuple:
+    dot, colinear = pair_statistics(a, b, *_stat_buffers(a, ctx))
+    return (dot, colinear, *angle(dot, colinear))
 
 
 def _stat_buffers(a: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:

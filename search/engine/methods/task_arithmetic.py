@@ -36,16 +36,20 @@ def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param
     )
 
 
-def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
-    """tensor * mask, scaled back to the L1 norm of tensor when rescale (DARE's rescaling)."""
+def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7,
+                    on_device: bool | None = None) -> torch.Tensor:
+    """tensor * mask, scaled back to the L1 norm of tensor when rescale (DARE's rescaling).
+    on_device: decide on the device whether to scale (default: off the CPU)."""
     masked = tensor * mask
     if not rescale:
         return masked
     before = tensor.abs().sum()
     after = masked.abs().sum()
-    if before < eps or after < eps:
-        return masked
-    return masked * (before / after)
+    # mergekit branches on `before < eps or after < eps` in Python, which on a GPU waits for
+    # both sums; the same choice made on the device gives the same values without waiting.
+    if not (tensor.device.type != "cpu" if on_device is None else on_device):
+        return masked if (before < eps or after < eps) else masked * (before / after)
+    return torch.where((before < eps) | (after < eps), masked, masked * (before / after))
 
 
 def task_vector(inputs: Inputs, i: int, ctx: Context) -> torch.Tensor:
@@ -86,11 +90,13 @@ def generalized_merge(
         mask = consensus(deltas, torch.int8 if shared["int8_mask"] else base.dtype)
         mixed = (deltas * mask).sum(dim=0)
         divisor = (weights * mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        # mergekit writes divisor[divisor == 0] = 1: the same values, but a boolean-mask
+        # assignment is a host round trip on a GPU (it counts the mask first); masked_fill_ is not
+        divisor.masked_fill_(divisor == 0, 1)
     else:
         mixed = deltas.sum(dim=0)
         divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        divisor.masked_fill_(divisor.abs() < 1e-8, 1)
     del deltas
 
     if shared["normalize"]:
