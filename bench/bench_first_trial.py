@@ -8,14 +8,13 @@ and times its steps by wrapping them. Without --baselines the spec's baselines a
 is what issue 14 measured ("16 s to the first trial, 12.8 s before it is dispatched").
 
 Prints one block per run. The timeline is seconds from the process's start (the interpreter's own
-start-up included), the steps are their own durations; steps overlap (Ray starts on a thread while
-the spec is checked, the workers import while the driver opens the study), so durations do not add
-up to the timeline:
+start-up included), the steps are their own durations; steps overlap (the workers import while the
+driver opens the study), so durations do not add up to the timeline:
 
   python start            the interpreter and site-packages, before the driver's first line
   imports                 the driver's modules (Optuna, SQLAlchemy; not torch, lm-eval or Ray)
   check spec and models   prepare_run: space, model headers, objectives' specs
-  start Ray               connect_ray (on its thread)
+  start Ray               connect_ray, once the spec and models are checked
   worker N: ...           inside each worker's __init__: its imports (torch, transformers, the
                           engine), building the objectives (lm-eval and its tasks), building the
                           requests, importing the model code; `waits` is from the actor's submission

@@ -1,8 +1,7 @@
 """The search driver: one run from spec to winners.
 
-    RayStart(...)                    search/worker_pool.py Ray started (or joined) on a thread, meanwhile:
     setup = prepare_run(spec)        search/run_setup.py   every input checked, model headers too; nothing written yet
-    pool.start()                     search/worker_pool.py actors holding the models, once Ray is up
+    pool.start()                     search/worker_pool.py Ray started (or joined), actors holding the models
     study = open_study(setup)        search/run_setup.py   the Optuna study, run.json (a resumed one: before Ray)
     score_baselines(...)             search/baselines.py   the hand-written merges in the space, outside the budget
     TrialLoop(...).run()             search/trial_loop.py  ask, build and score on a free worker, tell
@@ -40,7 +39,7 @@ from search.runspec import RunSpec
 from search.trial_counts import study_counts
 from search.trial_loop import TrialLoop
 from search.verdict import winner_vs_baselines
-from search.worker_pool import RayStart, WorkerCrashLoop, WorkerPool, worker_env
+from search.worker_pool import WorkerCrashLoop, WorkerPool
 
 
 @dataclass
@@ -55,22 +54,15 @@ class RunResult:
 
 
 def run(spec: RunSpec, *, resume: bool = False, ray_address: str | None = None, quiet: bool = False) -> RunResult:
-    # A new run starts Ray at once, on a thread, while the spec is checked (BENCHMARKS.md, "Search: time to
-    # first trial"); a resumed one may have nothing left to run, and then writes the outputs without Ray
-    ray_starting = None if resume else RayStart(ray_address, worker_env(spec))
-    try:
-        setup = prepare_run(spec, resume)
-    except BaseException:
-        if ray_starting is not None:
-            ray_starting.abandon()  # the error is said now; Ray is stopped once up
-        raise
+    # every input is checked (0.1 s) before Ray starts: a bad one is one line, and nothing was started for it
+    setup = prepare_run(spec, resume)
     progress = Progress(spec.name, spec.trials, spec.timeout, quiet=quiet)
     # Ray comes before a new study, so a cluster that does not answer leaves nothing behind; a resumed
     # study is opened first, as a --resume with nothing left to run writes the outputs without Ray
     study = open_study(setup, resume) if resume else None
     util = None
     if study is None or work_left(study, setup):
-        study, util = search(setup, study, ray_address, progress, ray_starting)
+        study, util = search(setup, study, ray_address, progress)
     return finish(setup, study, util, progress, quiet)
 
 
@@ -86,12 +78,11 @@ def work_left(study: optuna.Study, setup: RunSetup) -> bool:
     return any(str(t.number) not in done for t in candidates)
 
 
-def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None, progress: Progress,
-           ray_starting: RayStart | None = None):
+def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None, progress: Progress):
     """Start the workers, open the study (unless resumed), score the baselines, run the trial loop and the
     held-out re-scores; (study, utilization)."""
     spec = setup.spec
-    pool = WorkerPool(spec, ray_address, setup.send_examples, ray_starting)
+    pool = WorkerPool(spec, ray_address, setup.send_examples)
     try:
         where = f"Ray at {ray_address}" if ray_address else "local Ray"
         progress.message(f"{spec.name}: starting {spec.workers} worker(s) on {where}; study in {setup.storage_shown}")

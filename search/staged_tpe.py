@@ -17,6 +17,10 @@ TPE sample ever closer to it and settle there (BENCHMARKS.md, "Search: pruning")
 
 A study without reported stages (no pruner, or several objectives), or before any trial
 has finished, reads unchanged: the sampler is then Optuna's TPE, proposal for proposal.
+
+Past `history` finished trials (default 500) a single-objective study is read thinned
+(search/tpe_history.py), so a proposal costs the same however long the run; `history: null`
+reads every trial, as Optuna's TPE does.
 """
 
 from __future__ import annotations
@@ -28,7 +32,12 @@ import statistics
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from optuna.samplers._tpe.sampler import default_gamma
+
 from search.study_view import StudyView
+from search.tpe_history import thin_history
+
+DEFAULT_HISTORY = 500
 
 
 def stage_gaps(trials: list[FrozenTrial]) -> dict[int, float]:
@@ -46,6 +55,8 @@ def read_pruned_as_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials with each one pruned at the deepest step the finished trials reported read as
     COMPLETE at its estimated final score (its score there plus the step's mean gap); other pruned
     trials stay pruned. Returns copies; the study is untouched."""
+    if not any(t.state == TrialState.PRUNED for t in trials):
+        return trials
     gaps = stage_gaps(trials)
     deepest = max(gaps, default=None)
     out = []
@@ -62,10 +73,23 @@ def read_pruned_as_finished(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 
 class StagedTPESampler(optuna.samplers.TPESampler):
-    """Optuna's TPE, reading a single-objective study's trials through `read_pruned_as_finished`."""
+    """Optuna's TPE, reading a single-objective study's trials through `read_pruned_as_finished`, then
+    thinned to `history` finished trials (None: all of them)."""
+
+    def __init__(self, *args, history: int | None = DEFAULT_HISTORY, **kwargs):
+        if history is not None and (isinstance(history, bool) or not isinstance(history, int) or history < 1):
+            raise ValueError(f"history must be a positive whole number of trials or null, not {history!r}")
+        super().__init__(*args, **kwargs)
+        self._history = history
 
     def _view(self, study: optuna.Study):
-        return StudyView(study, read_pruned_as_finished) if len(study.directions) == 1 else study
+        if len(study.directions) != 1:
+            return study
+        if self._history is None:
+            return StudyView(study, read_pruned_as_finished)
+        gamma, maximize = self._gamma or default_gamma, study.direction == optuna.study.StudyDirection.MAXIMIZE
+        return StudyView(study, lambda trials: thin_history(read_pruned_as_finished(trials), self._history,
+                                                           gamma, maximize))
 
     def sample_relative(self, study, trial, search_space):
         return super().sample_relative(self._view(study), trial, search_space)

@@ -20,15 +20,21 @@ from optuna.trial import FrozenTrial
 
 
 class StudyView:
+    """Made for one proposal or one pruning check, during which the study does not change (the driver is
+    its one writer, and is busy proposing): the trials are read and transformed once, though a sampler
+    reads them more than once per proposal."""
+
     def __init__(self, study: optuna.Study, transform: Callable[[list[FrozenTrial]], list[FrozenTrial]]):
         self._study, self._transform = study, transform
+        self._trials: list[FrozenTrial] | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._study, name)
 
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False) -> list[FrozenTrial]:
-        trials = self._transform(self._study._get_trials(deepcopy=False, states=None, use_cache=use_cache))
-        return [t for t in trials if states is None or t.state in states]
+        if self._trials is None:
+            self._trials = self._transform(self._study._get_trials(deepcopy=False))
+        return [t for t in self._trials if states is None or t.state in states]
 
     def get_trials(self, deepcopy: bool = True, states=None) -> list[FrozenTrial]:
         return self._get_trials(deepcopy, states)

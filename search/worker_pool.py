@@ -13,11 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import socket
-import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,8 +32,6 @@ def connect_ray(address: str | None, worker_env: dict[str, str] | None = None) -
     new ones through its runtime-env agent (seconds on a small machine)."""
     import ray
 
-    while _ABANDONED:  # a Ray an earlier run started on a thread and abandoned: stopped before we look
-        _ABANDONED.pop().join()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     started = False
     if not ray.is_initialized():
@@ -50,7 +44,7 @@ def connect_ray(address: str | None, worker_env: dict[str, str] | None = None) -
             else:
                 # "local" always starts a fresh instance: a bare init() would join any Ray
                 # another program on this machine happens to run.
-                with environment(worker_env or {}), no_thread_warning():
+                with environment(worker_env or {}):
                     ray.init(address="local", include_dashboard=False, **kwargs)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, and a plain Exception when a node times out starting
             where = f"--ray-address {address}" if address else "a local Ray instance"
@@ -60,40 +54,6 @@ def connect_ray(address: str | None, worker_env: dict[str, str] | None = None) -
     # the loop reports each death in one line, so these prints are switched off (the flag Ray's debugger uses)
     ray._private.worker._worker_logs_enabled = False
     return started
-
-
-class RayStart:
-    """connect_ray on a thread, begun as a run starts: Ray's processes come up (seconds) while the driver
-    checks the spec. `result()` is connect_ray's (or raises its UserError); pass it to WorkerPool."""
-
-    def __init__(self, address: str | None, worker_env: dict[str, str]):
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            # what ray.init does on the main thread only: a SIGTERM exits through atexit, which stops Ray
-            signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="ray-start")
-        self.future = self.executor.submit(connect_ray, address, worker_env)
-
-    def result(self) -> bool:
-        return self.future.result()
-
-    def abandon(self) -> None:
-        """The run ended before its workers (a bad spec, say): its error is said at once, and a Ray this
-        started is stopped once it is up; the next connect_ray in this process waits for that."""
-        self.future.add_done_callback(_stop_if_started)
-        _ABANDONED.append(self)
-
-    def join(self) -> None:
-        self.executor.shutdown(wait=True)
-
-
-_ABANDONED: list[RayStart] = []
-
-
-def _stop_if_started(future: Future) -> None:
-    import ray
-
-    if future.exception() is None and future.result():
-        ray.shutdown()
 
 
 @contextmanager
@@ -109,22 +69,6 @@ def environment(values: dict[str, str]):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-class _NotMainThread(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "not the main thread" not in record.getMessage()
-
-
-@contextmanager
-def no_thread_warning():
-    """ray.init on a thread warns that it leaves SIGTERM alone: RayStart has handled it."""
-    logger, quiet = logging.getLogger("ray._private.worker"), _NotMainThread()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def worker_env(spec: RunSpec) -> dict[str, str]:
@@ -279,10 +223,8 @@ class Slot:
 
 
 class WorkerPool:
-    def __init__(self, spec: RunSpec, ray_address: str | None, send_examples: bool,
-                 ray_starting: RayStart | None = None):
+    def __init__(self, spec: RunSpec, ray_address: str | None, send_examples: bool):
         self.spec, self.ray_address, self.send_examples = spec, ray_address, send_examples
-        self.ray_starting = ray_starting  # Ray starting on a thread since the run began, or None: start() connects
         self.slots: list[Slot] = []
         self.started_ray = False
         self.last_death: str | None = None
@@ -294,11 +236,7 @@ class WorkerPool:
         import ray
 
         env = worker_env(self.spec)
-        if self.ray_starting is None:
-            self.started_ray = connect_ray(self.ray_address, env)
-        else:
-            self.started_ray = self.ray_starting.result()
-        self.ray_starting = None
+        self.started_ray = connect_ray(self.ray_address, env)
         self.actor_options, self.threads = worker_resources(self.spec.workers)
         if not (self.started_ray and self.ray_address is None):  # a local Ray started here has it already
             # on every node of a cluster (a memory limit set for the run too: search/engine/memory_plan.py)
@@ -384,10 +322,6 @@ class WorkerPool:
     def stop(self) -> None:
         import ray
 
-        if self.ray_starting is not None:  # stopped before start() got its Ray
-            self.ray_starting.abandon()
-            self.ray_starting = None
-            return
         for slot in self.slots:
             if slot.handle is not None:
                 try:

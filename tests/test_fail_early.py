@@ -12,6 +12,7 @@ import shutil
 import socket
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,7 @@ def test_a_broken_model_is_one_line_before_ray_or_the_study(case, zoo, tmp_path,
     breaks(fst)
     spec = write_spec(tmp_path, zoo, fst)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    threads = set(threading.enumerate())
     assert cli_main(["run", str(spec), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mergesearch run: error: models.fst: "), err
@@ -113,6 +115,8 @@ def test_a_broken_model_is_one_line_before_ray_or_the_study(case, zoo, tmp_path,
         assert "allow_pickle=True" not in err[0]  # the spec's key, not the engine's Python argument
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "__pycache__" not in p.parts) == before
     assert not ray.is_initialized()
+    # nothing left running: a non-daemon thread (a Ray start, say) would hold the interpreter's exit
+    assert [t.name for t in threading.enumerate() if t not in threads and not t.daemon] == []
 
 
 def test_a_pickle_checkpoint_is_accepted_with_allow_pickle(zoo, tmp_path):
