@@ -353,9 +353,11 @@ NOTES = [
     "tests/test_driver_scale.py.",
     "- What is left per trial is Optuna's own work on the writes (an ORM round trip per write: 'sample' is "
     "mostly the four parameter writes with random sampling, 'tell' the record, the state and the read-back) "
-    "and, with TPE, the sampler: multivariate TPE with the constant liar costs O(n) per ask in Optuna itself, "
-    "and search/staged_tpe.py's view reads every trial again on each sample (stage gaps and pruned trials), "
-    "so with TPE the rate falls as the study grows; with random sampling it does not.",
+    "and, with TPE, the sampler: multivariate TPE with the constant liar costs O(n) per ask in Optuna itself. "
+    "The default TPE reads at most 500 finished trials per proposal (search/tpe_history.py: its good group "
+    "whole, an evenly spaced sample of the others), so past 500 its cost per proposal stops growing but for "
+    "the O(n) pass that reads and thins the trials once per proposal (`sampler: {name: tpe, history: null}` "
+    "reads every trial, as Optuna's TPE does).",
     "- 2 workers on this 2-core machine: a CPU-bound worker and the driver share the cores, so every "
     "millisecond the driver spends is taken from a worker as well as making it wait; the busy fraction is "
     "reported for a build-and-forward objective and for a slower one.",
