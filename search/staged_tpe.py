@@ -30,9 +30,8 @@ import math
 import statistics
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-
 from optuna.samplers._tpe.sampler import default_gamma
+from optuna.trial import FrozenTrial, TrialState
 
 from search.study_view import StudyView
 from search.tpe_history import thin_history
