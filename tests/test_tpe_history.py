@@ -11,8 +11,8 @@ from optuna.distributions import FloatDistribution
 from optuna.samplers._tpe.sampler import _split_trials, default_gamma
 from optuna.trial import TrialState, create_trial
 
-from search.samplers import build_sampler
 from search.engine.errors import UserError
+from search.samplers import build_sampler
 from search.tpe_history import thin_history
 
 DISTS = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}

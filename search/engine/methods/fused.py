@@ -12,7 +12,8 @@ tests/test_methods_vs_mergekit.py::test_fused_pass_is_bit_exact). Only tensors
 of FUSE_MIN_NUMEL elements or more use it, and only where compiling pays back:
 compiling costs seconds once per process (~3-5 s on a quiet 2-core machine with
 Inductor's on-disk cache warm, several times that cold; the cache is Inductor's
-own, /tmp/torchinductor_<user> or $TORCHINDUCTOR_CACHE_DIR, kept across runs),
+own, torchinductor_<user> in the system's temporary folder or
+$TORCHINDUCTOR_CACHE_DIR, kept across runs),
 and the fused pass saves about half a nanosecond per element over the eager
 pieces. So by default (MERGESEARCH_COMPILE unset) a process merges eagerly until
 it has passed PAYBACK_NUMEL elements through them, the work over which compiling
