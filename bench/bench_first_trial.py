@@ -1,6 +1,6 @@
 """Time to the first result: where the seconds go from `mergesearch run` to the first trial scored.
 
-    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 3]
+    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 3] [--ray-address auto]
 
 Runs the demo's spec (runs/demo.yaml, the toy zoo in runs/zoo must exist: `mergesearch zoo
 runs/zoo`) for 2 trials, in a fresh process each time (as a user's `mergesearch run` is),
@@ -37,10 +37,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Runs in the child: wraps the driver's steps with timers, then runs the spec.
 CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 t0 = time.perf_counter()
 wall0 = time.time()
 marks, steps = {"python start": wall0 - float(sys.argv[4])}, {}
+
+def busy_cpu_s():  # CPU seconds every process on the machine has spent busy since boot (Linux)
+    try:
+        ticks = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+
+cpu0 = busy_cpu_s()
 
 def at(label):
     marks.setdefault(label, time.perf_counter() - t0)
@@ -81,6 +90,8 @@ baselines._record = record
 original_finish = trial_loop.TrialLoop._finish
 def finish(self, *a, **k):
     original_finish(self, *a, **k)
+    if "first trial told" not in marks and cpu0 is not None:
+        steps["busy CPU, all processes, to the first trial"] = busy_cpu_s() - cpu0
     at("first trial told")
 trial_loop.TrialLoop._finish = finish
 original_run = trial_loop.TrialLoop.run
@@ -90,7 +101,7 @@ def loop_run(self):
 trial_loop.TrialLoop.run = loop_run
 
 spec = load_spec(sys.argv[1], {"trials": 2, "name": sys.argv[2], "baselines": sys.argv[3] == "on"})
-driver.run(spec, quiet=True)
+driver.run(spec, quiet=True, ray_address=sys.argv[5] or None)
 first = next((json.loads(line) for line in (spec.run_dir / "trials.jsonl").read_text().splitlines()
               if json.loads(line).get("trial") is not None and not json.loads(line).get("baseline")), {})
 timings = first.get("timings") or {}
@@ -102,7 +113,7 @@ print(json.dumps({"timeline": marks, "steps": steps}))
 """
 
 
-def one_run(baselines: bool) -> dict:
+def one_run(baselines: bool, ray_address: str | None) -> dict:
     import yaml
 
     spec = yaml.safe_load((ROOT / "runs" / "demo.yaml").read_text())
@@ -115,7 +126,7 @@ def one_run(baselines: bool) -> dict:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         started = time.time()
         done = subprocess.run([sys.executable, "-c", CHILD, str(path), name, "on" if baselines else "off",
-                               repr(started)], capture_output=True, text=True, env=env, cwd=ROOT)
+                               repr(started), ray_address or ""], capture_output=True, text=True, env=env, cwd=ROOT)
     finally:
         path.unlink()
         shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
@@ -135,13 +146,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baselines", action="store_true", help="with the spec's baselines (default: off)")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--ray-address", help="join this running Ray (e.g. auto, after `ray start --head`) instead of "
+                    "starting one per run")
     ap.add_argument("--json", type=Path, help="also write every run's timeline and steps here")
     args = ap.parse_args()
     if not (ROOT / "runs" / "zoo" / "zoo.json").is_file():
         raise SystemExit("bench_first_trial: build the zoo first: .venv/bin/mergesearch zoo runs/zoo")
     results = []
     for i in range(args.repeat):
-        results.append(one_run(args.baselines))
+        results.append(one_run(args.baselines, args.ray_address))
         print(f"run {i + 1}:\n{show(results[-1])}", flush=True)
     first = [r["timeline"].get("first trial told") for r in results]
     print(f"first trial told (s): {', '.join(f'{v:.2f}' for v in first if v is not None)}; "

@@ -24,10 +24,12 @@ over stages and trials; and the workers' scoring seconds) each run spent until a
 first reached it.
 
 Quality (`--quality`): the search's winner against the run's baselines on the toy zoo, per
-sampler (default, CMA-ES, random) and seed; see bench/search_quality.py.
+sampler (default, CMA-ES, random) and seed; see bench/search_quality.py. --spec picks the
+space: runs/demo.yaml (the default) or one of bench/quality/*.yaml (slerp, layout, MoE).
 
 --write replaces the "## Search" section of BENCHMARKS.md (with --pruning: the
-"## Search: pruning" section; with --quality: "## Search: quality"); other sections are kept.
+"## Search: pruning" section; with --quality: "## Search: quality", or "## Search: quality
+of the <kind> space" for a spec other than the demo's); other sections are kept.
 """
 
 from __future__ import annotations
@@ -559,7 +561,7 @@ def stage_ranking(n: int, seed: int, top: int = 30) -> str:
 def quality(args: argparse.Namespace) -> None:
     import ray
 
-    from search_quality import quality_report, quality_runs
+    from search_quality import quality_report, quality_runs, section_title
 
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     trials = args.trials or yaml.safe_load(args.spec.read_text())["trials"]
@@ -570,11 +572,12 @@ def quality(args: argparse.Namespace) -> None:
     command = (f".venv/bin/python bench/bench_search.py --quality --spec {args.spec.resolve().relative_to(ROOT)} "
                f"--first-seed {args.first_seed} --seeds {args.seeds} --quality-samplers {args.quality_samplers} "
                f"--trials {trials} --checkpoints {args.checkpoints}" + (" --write" if args.write else ""))
-    text = quality_report(results, checkpoints, command)
+    title = section_title(args.spec)
+    text = quality_report(results, checkpoints, command, title)
     print(text)
     if args.write:
-        write_section(text, "## Search: quality")
-        print(f"wrote the ## Search: quality section of {ROOT / 'BENCHMARKS.md'}")
+        write_section(text, title)
+        print(f"wrote the {title} section of {ROOT / 'BENCHMARKS.md'}")
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ spec on the toy zoo (default runs/demo.yaml; its paths made absolute). Per run:
 - best held-out against trials spent: at each checkpoint c, the complete trial with the
   best search score among the first c search trials (baselines and duplicates do not
   count), scored on the held-out split here, outside the search;
-- the run's own winner (what it exports) scored on each skill's test split, which
-  nothing in the run saw, beside every baseline of the run on the same split, with the
+- the run's own winner (what it exports) scored on the test split of each skill the spec
+  searches on (its `<skill>_search` tasks), which nothing in the run saw, beside every baseline of the run on the same split, with the
   winner's paired margin over the best of them (95% interval).
 
 The baselines (each specialist alone, the space's defaults, the spec's enqueued recipes)
@@ -39,6 +39,13 @@ def absolute_spec(spec_path: Path) -> dict:
     return spec
 
 
+def spec_skills(spec: dict) -> list[str]:
+    """The zoo skills the spec searches on (its first objective's `<skill>_search` tasks): the winner and the
+    baselines are judged on those skills' test splits, the skills the run was asked to merge for."""
+    tasks = spec["objectives"][0].get("tasks") or []
+    return [t.removesuffix("_search") for t in tasks if isinstance(t, str) and t.endswith("_search")]
+
+
 class Scorer:
     """Held-out and test scores of recipes, each built once in this process (cached by recipe text)."""
 
@@ -49,12 +56,12 @@ class Scorer:
         from objectives.zoo.tasks import task_name
         from search.engine.materialize import Materializer
 
-        self.skills = SKILLS
+        self.skills = spec_skills(spec) or SKILLS
         self.search_objective = build_objectives(spec["objectives"], ROOT)[0]
         self.test_objective = LmEvalObjective(
-            [TaskEntry(task_name(s, "test"), "acc", 1.0, None) for s in SKILLS], include_path=[zoo / "tasks"]
+            [TaskEntry(task_name(s, "test"), "acc", 1.0, None) for s in self.skills], include_path=[zoo / "tasks"]
         )
-        self.test_names = [task_name(s, "test") for s in SKILLS]
+        self.test_names = [task_name(s, "test") for s in self.skills]
         self.engine = Materializer(spec["models"])
         self._heldout: dict[str, float] = {}
         self._test: dict[str, tuple[float, dict]] = {}
@@ -142,7 +149,7 @@ def quality_runs(spec_path: Path, samplers: list[str], seeds: list[int], trials:
         raise SystemExit(f"no toy zoo in {zoo}: build it first with `mergesearch zoo {zoo}`")
     scorer = Scorer(base, zoo)
     out = []
-    raw = ROOT / "bench" / "out" / "search_quality.json"
+    raw = ROOT / "bench" / "out" / f"search_quality_{spec_path.stem}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
         for seed in seeds:
@@ -161,7 +168,14 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def quality_report(results: list[dict], checkpoints: list[int], command: str) -> str:
+def section_title(spec_path: Path) -> str:
+    """BENCHMARKS.md's heading for a spec's results: the demo's is "Search: quality", another space's is its own."""
+    if spec_path.resolve() == (ROOT / "runs" / "demo.yaml").resolve():
+        return "## Search: quality"
+    return f"## Search: quality of the {yaml.safe_load(spec_path.read_text())['space']['kind']} space"
+
+
+def quality_report(results: list[dict], checkpoints: list[int], command: str, title: str) -> str:
     samplers = list(dict.fromkeys(r["sampler"] for r in results))
     seeds = sorted({r["seed"] for r in results})
     first = results[0]
@@ -169,7 +183,7 @@ def quality_report(results: list[dict], checkpoints: list[int], command: str) ->
     ref = first["baselines_heldout"]
     best_ref = (max if higher else min)(ref, key=ref.get)
     lines = [
-        "## Search: quality",
+        title,
         "",
         f"Command: `{command}` (x86_64, 2 cores, {time.strftime('%Y-%m-%d')}). Seeds {seeds[0]}..{seeds[-1]}, "
         f"{len(seeds)} per sampler. Held-out score of the best trial by search score among the first N search "

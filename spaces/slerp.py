@@ -5,8 +5,9 @@
       models: [a, b]            # exactly two, same family, depth and width
       base: a                   # t = 0 gives this model (default: the first)
       filters: [self_attn, mlp] # one curve per filter, first match wins; then one for the rest
-      anchors: 5                # anchors per curve (default 5): a number, per_layer (one t per
-                                #   layer), or per filter: {self_attn: 5, mlp: 5, rest: 1}
+      anchors: 5                # anchors per curve (default 5, or one per layer in a shallower
+                                #   model): a number, per_layer (one t per layer), or per
+                                #   filter: {self_attn: 5, mlp: 5, rest: 1}
       t: [0, 1]                 # range of every anchor (a number fixes them all)
       form: models              # models | slices (one slice over all layers, as phigment6)
       dtype: bfloat16           # also out_dtype, tokenizer_source, max_layers, max_params
@@ -28,6 +29,7 @@ from .base import Space, listed, single
 from .spec import NotInSpace, SpecReader
 
 REST = "rest"
+DEFAULT_ANCHORS = 5
 
 
 class SlerpSpace(Space):
@@ -63,13 +65,14 @@ class SlerpSpace(Space):
                 spec.fail(where, f"expected per_layer or a count in [1, {self.num_layers}], got {short(value)}")
             return value
 
-        value = spec.take("anchors", 5)
+        default = min(DEFAULT_ANCHORS, self.num_layers)  # a model of fewer layers gets one anchor per layer
+        value = spec.take("anchors", default)
         curves = self.filters + [REST]
         if isinstance(value, dict):
             for key in value:
                 if key not in curves:
                     spec.fail(f"anchors.{key}", f"not a curve of this space; use one of {curves}")
-            return {c: count(value.get(c, 5), f"anchors.{c}") for c in curves}
+            return {c: count(value.get(c, default), f"anchors.{c}") for c in curves}
         return {c: count(value, "anchors") for c in curves}
 
     def output_info(self):

@@ -273,6 +273,26 @@ def test_slerp_per_layer_curves(toy):
     assert space.params(recipe) == params
 
 
+def test_slerp_default_anchors_fit_a_shallow_model(zoo):
+    """The default of 5 anchors per curve would not fit a 4-layer model: it gets one per layer instead."""
+    shallow = zoo({"a": ("llama", 4), "b": ("llama", 4)})
+    space = build_space({"kind": "slerp", "models": ["a", "b"]}, shallow)
+    assert space.anchors == {"self_attn": 4, "mlp": 4, "rest": 4}
+    with pytest.raises(UserError, match=r"space\.anchors: expected per_layer or a count in \[1, 4\], got 5"):
+        build_space({"kind": "slerp", "models": ["a", "b"], "anchors": 5}, shallow)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "bench" / "quality").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_the_quality_benchmark_specs_build_on_the_toy_zoos_shape(zoo, path):
+    """bench/quality/*.yaml are written for the toy zoo (4-layer llamas): each space builds there and has its
+    default baselines, so `bench_search.py --quality --spec` fails on nothing but a missing zoo."""
+    spec = yaml.safe_load(path.read_text())
+    models = zoo({name: ("llama", 4) for name in spec["models"]})
+    space = build_space(spec["space"], models)
+    assert space.defaults()
+
+
 def test_weights_per_model_and_per_layer_group(toy):
     space = build_space(
         {"kind": "weights", "method": ["ties", "linear"], "models": ["fst", "nxt"], "base": "base",
