@@ -7,8 +7,9 @@ spec on the toy zoo (default runs/demo.yaml; its paths made absolute). Per run:
   best search score among the first c search trials (baselines and duplicates do not
   count), scored on the held-out split here, outside the search;
 - the run's own winner (what it exports) scored on the test split of each skill the spec
-  searches on (its `<skill>_search` tasks), which nothing in the run saw, beside every baseline of the run on the same split, with the
-  winner's paired margin over the best of them (95% interval).
+  searches on (its `<skill>_search` tasks), which nothing in the run saw, beside every
+  baseline of the run on the same split, with the winner's paired margin over the best of
+  them (95% interval).
 
 The baselines (each specialist alone, the space's defaults, the spec's enqueued recipes)
 are the reference lines: the same in every run of one spec, so they are scored once.
