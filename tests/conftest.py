@@ -221,6 +221,16 @@ class MergekitOracle:
         return json.loads((folder / "config.json").read_text()), read_tensors(folder)
 
 
+@pytest.fixture(scope="module")
+def pair_zoo(tmp_path_factory) -> Path:
+    """A 2-layer llama base and two fine-tunes of it (fst, nxt): the smallest run a worker pool can search."""
+    root = tmp_path_factory.mktemp("zoo")
+    make_standin(root / "base", "llama", 2, seed=0)
+    make_finetune(root / "fst", root / "base", seed=1, scale=0.05)
+    make_finetune(root / "nxt", root / "base", seed=2, scale=0.05)
+    return root
+
+
 @pytest.fixture(scope="session")
 def standin_zoo(tmp_path_factory) -> StandinZoo:
     return StandinZoo(tmp_path_factory.mktemp("standins"))

@@ -23,7 +23,6 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from standins import make_finetune, make_standin  # noqa: E402
 
 from search import records  # noqa: E402
 from search.driver import run  # noqa: E402
@@ -78,15 +77,6 @@ def cluster():
         c.shutdown()
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zoo")
-    make_standin(root / "base", "llama", 2, seed=0)
-    make_finetune(root / "fst", root / "base", seed=1, scale=0.05)
-    make_finetune(root / "nxt", root / "base", seed=2, scale=0.05)
-    return root
-
-
 def write_spec(folder: Path, zoo: Path, fns: str) -> Path:
     (folder / "fns.py").write_text(f"import sys\nsys.path.insert(0, {str(TESTS)!r})\n" + textwrap.dedent(fns))
     data = {
@@ -137,14 +127,14 @@ class NodeRemover(threading.Thread):
         os.close(fd)
 
 
-def test_trials_land_on_every_node_and_a_node_removed_mid_run_loses_no_completed_trial(cluster, zoo, tmp_path,
+def test_trials_land_on_every_node_and_a_node_removed_mid_run_loses_no_completed_trial(cluster, pair_zoo, tmp_path,
                                                                                        capsys):
     doomed = list(cluster.worker_nodes)[-1]  # not the head: the driver joins through the head's node
     fifo = tmp_path / "doomed.fifo"
     os.mkfifo(fifo)
     counter = tmp_path / "doomed.count"
     fns = DOOMED_SCORE.format(doomed=doomed.node_id, counter=str(counter), before=BEFORE, fifo=str(fifo))
-    spec = load_spec(write_spec(tmp_path, zoo, fns))
+    spec = load_spec(write_spec(tmp_path, pair_zoo, fns))
     remover = NodeRemover(cluster, doomed, fifo)
     remover.start()
     try:

@@ -22,7 +22,6 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from standins import make_finetune, make_standin  # noqa: E402
 
 from search import records  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
@@ -52,15 +51,6 @@ def cluster():
     c.shutdown()
 
 
-@pytest.fixture(scope="module")
-def zoo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("zoo")
-    make_standin(root / "base", "llama", 2, seed=0)
-    make_finetune(root / "fst", root / "base", seed=1, scale=0.05)
-    make_finetune(root / "nxt", root / "base", seed=2, scale=0.05)
-    return root
-
-
 def write_run(folder: Path, name: str, zoo: Path, fns: str, **spec) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "fns.py").write_text(
@@ -73,8 +63,8 @@ def write_run(folder: Path, name: str, zoo: Path, fns: str, **spec) -> Path:
     return path
 
 
-def test_a_sweep_on_two_nodes_keeps_both_workers_busy(cluster, zoo, tmp_path):
-    spec = load_spec(write_run(tmp_path, "two_nodes", zoo, "score = sleepy(0.2)\n", trials=10, workers=2))
+def test_a_sweep_on_two_nodes_keeps_both_workers_busy(cluster, pair_zoo, tmp_path):
+    spec = load_spec(write_run(tmp_path, "two_nodes", pair_zoo, "score = sleepy(0.2)\n", trials=10, workers=2))
     result = run(spec, quiet=True)
     assert result.counts == {"complete": 10, "pruned": 0, "failed": 0}
     recs = records.read_trials(spec.run_dir / "trials.jsonl")
@@ -90,12 +80,12 @@ def test_a_sweep_on_two_nodes_keeps_both_workers_busy(cluster, zoo, tmp_path):
         sum(w["busy_s"] for w in workers.values()), rel=1e-3)
 
 
-def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried_once(cluster, zoo, tmp_path):
+def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried_once(cluster, pair_zoo, tmp_path):
     """The objective kills its own worker process three times: the first trial dies twice (FAIL with the
     reason), the next dies once and completes on its retry, the rest run on the replacement worker."""
     counter = tmp_path / "kills.count"
     counter.write_text("3")
-    spec = load_spec(write_run(tmp_path, "kills", zoo, f"score = kill_times({str(counter)!r})\n", trials=5,
+    spec = load_spec(write_run(tmp_path, "kills", pair_zoo, f"score = kill_times({str(counter)!r})\n", trials=5,
                                workers=1))
     result = run(spec, quiet=True)
     assert counter.read_text() == "0"
@@ -129,9 +119,9 @@ def score(model, tokenizer, fidelity):
 """
 
 
-def test_a_hung_trial_times_out_its_worker_is_replaced_and_the_run_goes_on(cluster, zoo, tmp_path):
+def test_a_hung_trial_times_out_its_worker_is_replaced_and_the_run_goes_on(cluster, pair_zoo, tmp_path):
     # generous: the limit must hold a replacement worker's start-up and first model load on a busy machine
-    spec = load_spec(write_run(tmp_path, "hung", zoo, HANG_FIRST_CALL.format(marker=str(tmp_path / "hung.marker")),
+    spec = load_spec(write_run(tmp_path, "hung", pair_zoo, HANG_FIRST_CALL.format(marker=str(tmp_path / "hung.marker")),
                                trials=3, workers=1, trial_timeout=30))
     result = run(spec, quiet=True)
     recs = sorted(records.read_trials(spec.run_dir / "trials.jsonl"), key=lambda r: r["trial"])
@@ -141,9 +131,9 @@ def test_a_hung_trial_times_out_its_worker_is_replaced_and_the_run_goes_on(clust
     assert result.counts == {"complete": 2, "pruned": 0, "failed": 1}
 
 
-def test_a_hung_trial_holds_the_time_budget_up_by_at_most_the_trial_timeout(cluster, zoo, tmp_path, capsys):
+def test_a_hung_trial_holds_the_time_budget_up_by_at_most_the_trial_timeout(cluster, pair_zoo, tmp_path, capsys):
     """Every call hangs: the run stops when its 1 s budget is spent and the call in flight times out after 5 s."""
-    path = write_run(tmp_path, "hung_budget", zoo, HANG_EVERY_CALL, timeout=1, workers=1)
+    path = write_run(tmp_path, "hung_budget", pair_zoo, HANG_EVERY_CALL, timeout=1, workers=1)
     assert cli_main(["run", str(path), "--quiet", "--trial-timeout", "5"]) == 1  # every trial failed
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mergesearch run: error: every trial failed (1); the most common reason (1 of them): "
@@ -157,16 +147,16 @@ def test_a_hung_trial_holds_the_time_budget_up_by_at_most_the_trial_timeout(clus
     assert len([r for r in recs if r["state"] == "WAITING"]) == len(left)
 
 
-def test_a_run_whose_every_trial_failed_exits_1_with_the_most_common_reason(cluster, zoo, tmp_path, capsys):
-    path = write_run(tmp_path, "all_fail", zoo, "score = fail_when(lambda model: True)\n", trials=3, workers=1)
+def test_a_run_whose_every_trial_failed_exits_1_with_the_most_common_reason(cluster, pair_zoo, tmp_path, capsys):
+    path = write_run(tmp_path, "all_fail", pair_zoo, "score = fail_when(lambda model: True)\n", trials=3, workers=1)
     assert cli_main(["run", str(path), "--quiet"]) == 1
     assert capsys.readouterr().err.strip().splitlines() == [
         "mergesearch run: error: every trial failed (3); the most common reason (3 of them): "
         "RuntimeError: this candidate cannot be scored"]
 
 
-def test_a_worker_that_dies_on_every_call_stops_the_run_with_its_exit_code(cluster, zoo, tmp_path, capfd):
-    path = write_run(tmp_path, "crash_loop", zoo, "def score(model, tokenizer, fidelity):\n    sys.exit(17)\n",
+def test_a_worker_that_dies_on_every_call_stops_the_run_with_its_exit_code(cluster, pair_zoo, tmp_path, capfd):
+    path = write_run(tmp_path, "crash_loop", pair_zoo, "def score(model, tokenizer, fidelity):\n    sys.exit(17)\n",
                      trials=5, workers=1)
     assert cli_main(["run", str(path), "--quiet"]) == 2
     out, err = capfd.readouterr()
@@ -183,8 +173,8 @@ def test_a_worker_that_dies_on_every_call_stops_the_run_with_its_exit_code(clust
     assert sorted(t.user_attrs["retry_of"] for t in trials if t.state == TrialState.WAITING) == interrupted
 
 
-def test_resume_with_nothing_left_writes_the_outputs_without_ray(cluster, zoo, tmp_path):
-    path = write_run(tmp_path, "done", zoo, "score = fingerprint\n", trials=2, workers=1)
+def test_resume_with_nothing_left_writes_the_outputs_without_ray(cluster, pair_zoo, tmp_path):
+    path = write_run(tmp_path, "done", pair_zoo, "score = fingerprint\n", trials=2, workers=1)
     spec = load_spec(path)
     run(spec, quiet=True)
     best = (spec.run_dir / "best.yaml").read_text()
@@ -238,14 +228,14 @@ def score(model, tokenizer, fidelity):
 """
 
 
-def test_interrupted_and_killed_drivers_resume_without_losing_or_repeating_a_trial(cluster, zoo, tmp_path):
+def test_interrupted_and_killed_drivers_resume_without_losing_or_repeating_a_trial(cluster, pair_zoo, tmp_path):
     """Ctrl-C, then SIGKILL while retries of the interrupted trials are in flight, then a resume that finishes.
     A retry interrupted in turn is retried again with the same params: each chain of retries ends in one
     COMPLETE trial, and no trial completed before a kill is lost or run twice."""
     budget = 14
     gate = tmp_path / "gate"
     gate.touch()
-    path = write_run(tmp_path, "resumed", zoo, "import time\n" + GATED.format(gate=str(gate)), trials=budget,
+    path = write_run(tmp_path, "resumed", pair_zoo, "import time\n" + GATED.format(gate=str(gate)), trials=budget,
                      workers=2)
     spec = load_spec(path)
     trials_path = spec.run_dir / "trials.jsonl"
