@@ -23,7 +23,6 @@ from safetensors.torch import load_file, save_file
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from test_faults import zoo  # noqa: E402,F401  (module fixture: a llama base and two fine-tunes)
 
 from search.cli import main as cli_main  # noqa: E402
 
@@ -96,14 +95,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_broken_model_is_one_line_before_ray_or_the_study(case, zoo, tmp_path, capsys):
+def test_a_broken_model_is_one_line_before_ray_or_the_study(case, pair_zoo, tmp_path, capsys):
     import ray
 
     breaks, expected = CASES[case]
     fst = tmp_path / "fst"
-    shutil.copytree(zoo / "fst", fst)
+    shutil.copytree(pair_zoo / "fst", fst)
     breaks(fst)
-    spec = write_spec(tmp_path, zoo, fst)
+    spec = write_spec(tmp_path, pair_zoo, fst)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     threads = set(threading.enumerate())
     assert cli_main(["run", str(spec), "--quiet"]) == 2
@@ -119,24 +118,24 @@ def test_a_broken_model_is_one_line_before_ray_or_the_study(case, zoo, tmp_path,
     assert [t.name for t in threading.enumerate() if t not in threads and not t.daemon] == []
 
 
-def test_a_pickle_checkpoint_is_accepted_with_allow_pickle(zoo, tmp_path):
+def test_a_pickle_checkpoint_is_accepted_with_allow_pickle(pair_zoo, tmp_path):
     from search.run_setup import prepare_run
     from search.runspec import load_spec
 
     fst = tmp_path / "fst"
-    shutil.copytree(zoo / "fst", fst)
+    shutil.copytree(pair_zoo / "fst", fst)
     pickle_only(fst)
-    setup = prepare_run(load_spec(write_spec(tmp_path, zoo, fst, allow_pickle=True)), resume=False)
+    setup = prepare_run(load_spec(write_spec(tmp_path, pair_zoo, fst, allow_pickle=True)), resume=False)
     assert setup.space.used_models == ["base", "fst", "nxt"] and not (tmp_path / "early").exists()
 
 
-def test_a_ray_address_where_nothing_listens_is_one_line_and_no_study(zoo, tmp_path, capsys):
+def test_a_ray_address_where_nothing_listens_is_one_line_and_no_study(pair_zoo, tmp_path, capsys):
     import ray
 
     with socket.socket() as s:  # a port nothing listens on: bound, then released
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = write_spec(tmp_path, zoo, zoo / "fst")
+    spec = write_spec(tmp_path, pair_zoo, pair_zoo / "fst")
     assert cli_main(["run", str(spec), "--quiet", "--ray-address", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ray-address 127.0.0.1:{port}: nothing answers there" in err[0], err
