@@ -23,7 +23,6 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-
 from search import records  # noqa: E402
 from search.driver import run  # noqa: E402
 from search.runspec import load_spec  # noqa: E402
@@ -128,7 +127,7 @@ class NodeRemover(threading.Thread):
 
 
 def test_trials_land_on_every_node_and_a_node_removed_mid_run_loses_no_completed_trial(cluster, pair_zoo, tmp_path,
-                                                                                       capsys):
+                                                                                        capsys):
     doomed = list(cluster.worker_nodes)[-1]  # not the head: the driver joins through the head's node
     fifo = tmp_path / "doomed.fifo"
     os.mkfifo(fifo)

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import textwrap
 import threading
 from pathlib import Path
@@ -20,11 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))
-
-
-from search.cli import main as cli_main  # noqa: E402
+from search.cli import main as cli_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

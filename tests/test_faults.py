@@ -22,7 +22,6 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-
 from search import records  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
 from search.cli import main as cli_main  # noqa: E402
