@@ -77,8 +77,8 @@ PHASES = [
     ("trials.jsonl", "search.records", "append_trial"),
     ("progress line (counts + print)", "search.trial_loop", "study_counts"),
     ("progress line (counts + print)", "search.progress.Progress", "trial_finished"),
-    ("Ray (submit, wait, get)", "ray", "wait"),
-    ("Ray (submit, wait, get)", "ray", "get"),
+    ("Ray (submit, wait, get)", "search.worker_pool.WorkerPool", "wait"),
+    ("Ray (submit, wait, get)", "search.worker_pool.WorkerPool", "get"),
     ("Ray (submit, wait, get)", "search.trial_loop.TrialLoop", "_dispatch"),
 ]
 
@@ -107,13 +107,9 @@ class PhaseClock:
     def install(self, space) -> None:
         import importlib
 
-        import ray
-
         for phase, path, attr in PHASES:
             if path == "space":
                 owner = space
-            elif path == "ray":
-                owner = ray
             else:
                 module, _, name = path.rpartition(".")
                 try:
@@ -165,29 +161,14 @@ class StandinWorker:
 
 
 class StandinPool(WorkerPool):
-    """The real pool's slots and bookkeeping, with stand-in actors (Ray already running)."""
+    """The real pool's slots and bookkeeping, with stand-in workers as Ray actors (Ray already running)."""
 
-    def start(self) -> None:
-        import ray
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.worker_class = StandinWorker
 
-        from search.worker_pool import Slot
-
-        self.remote_worker = ray.remote(num_cpus=0)(StandinWorker)
-        self.slots = [Slot(i) for i in range(self.spec.workers)]
-        for slot in self.slots:
-            self._spawn(slot)
-        infos = ray.get([slot.handle.info.remote() for slot in self.slots])
-        for slot, info in zip(self.slots, infos):
-            slot.info = info
-
-    def _spawn(self, slot) -> None:
-        slot.handle = self.remote_worker.options(max_restarts=0).remote(slot.name, self.send_examples)
-
-    def stop(self) -> None:
-        import ray
-
-        for slot in self.slots:
-            ray.kill(slot.handle, no_restart=True)
+    def worker_args(self, slot) -> tuple:
+        return (slot.name, self.send_examples)
 
 
 def scale_run(work: Path, models: dict, sampler: str, trials: int, workers: int, staged: bool,

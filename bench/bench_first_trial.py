@@ -1,6 +1,6 @@
 """Time to the first result: where the seconds go from `mergesearch run` to the first trial scored.
 
-    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 3] [--ray-address auto]
+    .venv/bin/python bench/bench_first_trial.py [--baselines] [--repeat 3] [--against-ray] [--ray-address auto]
 
 Runs the demo's spec (runs/demo.yaml, the toy zoo in runs/zoo must exist: `mergesearch zoo
 runs/zoo`) for 2 trials, in a fresh process each time (as a user's `mergesearch run` is),
@@ -8,18 +8,23 @@ and times its steps by wrapping them. Without --baselines the spec's baselines a
 is what issue 14 measured ("16 s to the first trial, 12.8 s before it is dispatched").
 
 Prints one block per run. The timeline is seconds from the process's start (the interpreter's own
-start-up included), the steps are their own durations; steps overlap (the workers import while the
-driver opens the study), so durations do not add up to the timeline:
+start-up included), the steps are their own durations; steps overlap (the fork server imports while
+the driver imports and checks the spec), so durations do not add up to the timeline:
 
   python start            the interpreter and site-packages, before the driver's first line
+  fork server started     local workers: the fork server begins its imports (torch, transformers'
+                          model code, lm-eval: search/local_workers.py), before the spec is read
   imports                 the driver's modules (Optuna, SQLAlchemy; not torch, lm-eval or Ray)
   check spec and models   prepare_run: space, model headers, objectives' specs
-  start Ray               connect_ray, once the spec and models are checked
-  worker N: ...           inside each worker's __init__: its imports (torch, transformers, the
-                          engine), building the objectives (lm-eval and its tasks), building the
-                          requests, importing the model code; `waits` is from the actor's submission
-                          (Ray up) to its __init__'s first line (a Ray worker process to run it)
-  first trial             its build (materialize) and first stage, on the worker
+  load the study's code   Optuna's RDB storage modules, loaded while the workers start
+  fork a worker           local workers: waits for the fork server's imports, then forks
+  start Ray               Ray workers: connect_ray, once the spec and models are checked
+  worker N: ...           inside each worker's __init__: its imports (none when forked), building
+                          the objectives (lm-eval's tasks), building the requests, importing the
+                          model code
+  first trial             its build (materialize) and each stage's scoring, on the worker
+  busy CPU                CPU seconds the whole machine spent busy, from the driver's first line to
+                          the first trial told (/proc/stat)
 """
 
 from __future__ import annotations
@@ -65,12 +70,21 @@ def timed(module, name, label):
             at(label + " done")
     setattr(module, name, wrapper)
 
-from search import baselines, driver, worker_pool, trial_loop
+# as `mergesearch run` does (search/run_command.py): the fork server (local workers), the spec, the driver
+from search.local_workers import runs_locally, start_fork_server
+if runs_locally(sys.argv[5] or None):
+    start_fork_server()
+    at("fork server started (local workers)")
 from search.runspec import load_spec
+spec = load_spec(sys.argv[1], {"trials": 2, "name": sys.argv[2], "baselines": sys.argv[3] == "on"})
+at("spec read")
+from search import baselines, driver, local_workers, ray_workers, worker_pool, trial_loop
 at("imports done")
 steps["imports"] = marks["imports done"]
 timed(driver, "prepare_run", "check spec and models")
-timed(worker_pool, "connect_ray", "start Ray")
+timed(driver, "load_rdb_code", "load the study's code")
+timed(ray_workers, "connect_ray", "start Ray")
+timed(local_workers.LocalWorkers, "spawn", "fork a worker (waits for the fork server's imports)")
 original_start = worker_pool.WorkerPool.start
 def start(self, *a, **k):
     original_start(self, *a, **k)
@@ -100,15 +114,13 @@ def loop_run(self):
     original_run(self)
 trial_loop.TrialLoop.run = loop_run
 
-spec = load_spec(sys.argv[1], {"trials": 2, "name": sys.argv[2], "baselines": sys.argv[3] == "on"})
 driver.run(spec, quiet=True, ray_address=sys.argv[5] or None)
 first = next((json.loads(line) for line in (spec.run_dir / "trials.jsonl").read_text().splitlines()
               if json.loads(line).get("trial") is not None and not json.loads(line).get("baseline")), {})
 timings = first.get("timings") or {}
 for key in ("materialize_s", "score_s"):
-    value = timings.get(key)
-    if isinstance(value, list) and value:
-        steps[f"first trial: {key.removesuffix('_s')} (stage 1)"] = value[0]
+    for stage, value in enumerate(timings.get(key) or [], start=1):
+        steps[f"first trial: {key.removesuffix('_s')} (stage {stage})"] = value
 print(json.dumps({"timeline": marks, "steps": steps}))
 """
 
@@ -146,19 +158,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baselines", action="store_true", help="with the spec's baselines (default: off)")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--ray-address", help="join this running Ray (e.g. auto, after `ray start --head`) instead of "
-                    "starting one per run")
+    ap.add_argument("--ray-address", help="workers as Ray actors: `local` starts a Ray in each run, an address (e.g. "
+                    "auto, after `ray start --head`) joins that one; default: local worker processes")
+    ap.add_argument("--against-ray", action="store_true",
+                    help="each repeat also runs with a local Ray (--ray-address local), side by side")
     ap.add_argument("--json", type=Path, help="also write every run's timeline and steps here")
     args = ap.parse_args()
     if not (ROOT / "runs" / "zoo" / "zoo.json").is_file():
         raise SystemExit("bench_first_trial: build the zoo first: .venv/bin/mergesearch zoo runs/zoo")
-    results = []
+    kinds = [args.ray_address] + (["local"] if args.against_ray else [])
+    results: dict[str, list] = {kind or "local processes": [] for kind in kinds}
     for i in range(args.repeat):
-        results.append(one_run(args.baselines, args.ray_address))
-        print(f"run {i + 1}:\n{show(results[-1])}", flush=True)
-    first = [r["timeline"].get("first trial told") for r in results]
-    print(f"first trial told (s): {', '.join(f'{v:.2f}' for v in first if v is not None)}; "
-          f"quietest {min(v for v in first if v is not None):.2f}")
+        for kind in kinds:
+            label = kind and f"Ray ({kind})" or "local processes"
+            results.setdefault(label, []).append(one_run(args.baselines, kind))
+            print(f"run {i + 1}, {label}:\n{show(results[label][-1])}", flush=True)
+    results = {k: v for k, v in results.items() if v}
+    for label, runs in results.items():
+        first = sorted(r["timeline"]["first trial told"] for r in runs)
+        print(f"{label}: first trial told (s): {', '.join(f'{v:.2f}' for v in first)}; quietest {first[0]:.2f}, "
+              f"median {first[len(first) // 2]:.2f}")
+    if len(results) == 2:
+        (_, a), (_, b) = results.items()
+        ratio = [x["timeline"]["first trial told"] / y["timeline"]["first trial told"] for x, y in zip(a, b)]
+        print(f"local processes / Ray, repeat by repeat: {', '.join(f'{r:.2f}' for r in ratio)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
 

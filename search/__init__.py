@@ -1,4 +1,4 @@
-"""mergesearch: search mergekit recipes with Optuna and Ray, score them on cheap proxy evals.
+"""mergesearch: search mergekit recipes with Optuna over local or Ray workers, score them on cheap proxy evals.
 
 Packages and who may import whom (tests/test_layout.py enforces it):
 
@@ -17,7 +17,8 @@ search/worker.py materializes it with search/engine/ and scores it with objectiv
 Inside search/, by what a run does:
 - set-up: runspec.py, model_check.py, run_setup.py, samplers.py, pruners.py, storage.py
 - the loop: driver.py, trial_loop.py (with schedule.py, scored_recipes.py, stages.py,
-  study_view.py, interrupts.py), worker_pool.py, worker.py, baselines.py, heldout.py,
+  study_view.py, interrupts.py), worker_pool.py (with local_workers.py, ray_workers.py and
+  worker_faults.py), worker.py, baselines.py, heldout.py,
   paired_pruner.py, staged_tpe.py, paired_stats.py, progress.py, records.py
 - after it: verdict.py, export.py, publish.py and run_card.py (a model folder with its
   card), summary.py (tables), report.py with report_plots.py, importance.py and

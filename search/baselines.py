@@ -33,7 +33,8 @@ from search import records
 from search.engine import recipe as recipes
 from search.engine.errors import UserError, short
 from search.stages import Stage
-from search.worker_pool import Slot, WorkerPool, death_reason
+from search.worker_faults import WorkerDied
+from search.worker_pool import Slot, WorkerPool
 from spaces.base import model_alone
 
 MAX_ATTEMPTS = 2  # a baseline whose worker dies is scored once more, then reported as failed
@@ -116,8 +117,6 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
     """Score every baseline (of `which`, default all) not scored yet over the pool's workers; returns
     name -> result, and records each on the study (and as a trial where it is a point of the space). A
     baseline still on its worker after the spec's trial_timeout is given up, and its worker replaced."""
-    import ray
-
     timeout = setup.spec.trial_timeout
     done: dict[str, dict] = dict(study.user_attrs.get(records.BASELINES_ATTR, {}))
     chosen = {b.name for b in (setup.baselines if which is None else which)}
@@ -132,22 +131,22 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
         while todo and free:
             job, slot = todo.popleft(), free.popleft()
             job.attempts, job.step, job.stages, job.started = job.attempts + 1, 0, [], time.monotonic()
-            in_flight[_call(slot, job, setup)] = (slot, job)
+            in_flight[_call(pool, slot, job, setup)] = (slot, job)
         if not in_flight:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if timeout is None else 0.5)
+        ready = pool.wait(list(in_flight), timeout=None if timeout is None else 0.5)
         if not ready:
             for ref, (slot, job) in list(in_flight.items()):
                 if time.monotonic() - job.started >= timeout:
                     del in_flight[ref]
-                    pool.replace(slot)  # the only way to stop a call Ray is running
+                    pool.replace(slot)  # the only way to stop a call a worker is running
                     say(f"baseline {job.baseline.name} failed: timed out after {timeout:g} s")
                     free.append(slot)
             continue
         slot, job = in_flight.pop(ready[0])
         try:
-            result = ray.get(ready[0])
-        except ray.exceptions.RayActorError as e:
+            result = pool.get(ready[0])
+        except WorkerDied as e:
             reason = pool.worker_died(slot, e)
             if job.attempts < MAX_ATTEMPTS:
                 todo.append(job)
@@ -162,7 +161,7 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
         else:
             _keep(job, result, setup)
             if job.step <= last_call:
-                in_flight[_call(slot, job, setup)] = (slot, job)  # the same worker goes on with the next call
+                in_flight[_call(pool, slot, job, setup)] = (slot, job)  # the same worker goes on with the next call
                 continue
             done[job.baseline.name] = _record(setup, job)
             study.set_user_attr(records.BASELINES_ATTR, done)
@@ -180,14 +179,14 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
     return done
 
 
-def _call(slot: Slot, job: _Scoring, setup):
+def _call(pool: WorkerPool, slot: Slot, job: _Scoring, setup):
     stages: list[Stage] = setup.stages
     b = job.baseline
     if job.step == 0:
-        return slot.handle.begin.remote(job.number, b.recipe_yaml, stages[0].jobs)
+        return pool.call(slot, "begin", job.number, b.recipe_yaml, stages[0].jobs)
     if job.step < len(stages):
-        return slot.handle.advance.remote(job.number, stages[job.step].jobs, job.step == len(stages) - 1)
-    return slot.handle.heldout.remote(job.number, b.recipe_yaml, list(range(len(setup.objective_names))))
+        return pool.call(slot, "advance", job.number, stages[job.step].jobs, job.step == len(stages) - 1)
+    return pool.call(slot, "heldout", job.number, b.recipe_yaml, list(range(len(setup.objective_names))))
 
 
 def _keep(job: _Scoring, result: dict, setup) -> None:

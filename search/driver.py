@@ -1,7 +1,7 @@
 """The search driver: one run from spec to winners.
 
     setup = prepare_run(spec)        search/run_setup.py   every input checked, model headers too; nothing written yet
-    pool.start()                     search/worker_pool.py Ray started (or joined), actors holding the models
+    pool.start()                     search/worker_pool.py workers holding the models (local processes or Ray actors)
     study = open_study(setup)        search/run_setup.py   the Optuna study, run.json (a resumed one: before Ray)
     score_baselines(...)             search/baselines.py   the hand-written merges in the space, outside the budget
     TrialLoop(...).run()             search/trial_loop.py  ask, build and score on a free worker, tell
@@ -36,6 +36,7 @@ from search.report import write_report
 from search.engine.errors import UserError
 from search.run_setup import RunSetup, learn_from_workers, open_study, prepare_run, recover_interrupted, to_json
 from search.runspec import RunSpec
+from search.storage import load_rdb_code
 from search.trial_counts import study_counts
 from search.trial_loop import TrialLoop
 from search.verdict import winner_vs_baselines
@@ -84,9 +85,10 @@ def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None,
     spec = setup.spec
     pool = WorkerPool(spec, ray_address, setup.send_examples)
     try:
-        where = f"Ray at {ray_address}" if ray_address else "local Ray"
-        progress.message(f"{spec.name}: starting {spec.workers} worker(s) on {where}; study in {setup.storage_shown}")
-        pool.start(progress.message)  # one line per worker: its node, device and sources mode
+        progress.message(f"{spec.name}: starting {spec.workers} worker(s) on {pool.where}; "
+                         f"study in {setup.storage_shown}")
+        # one line per worker: its node, device and sources mode; the study's code loaded while they start
+        pool.start(progress.message, meanwhile=lambda: load_rdb_code(setup.storage_url))
         learn_from_workers(setup, pool.slots[0].info)
         resume = study is not None
         if study is None:

@@ -15,7 +15,8 @@ import optuna
 from optuna.trial import TrialState
 
 from search import records
-from search.worker_pool import Slot, WorkerPool, death_reason
+from search.worker_faults import WorkerDied
+from search.worker_pool import Slot, WorkerPool
 
 MAX_ATTEMPTS = 2  # a re-score whose worker dies is tried once more
 
@@ -40,8 +41,6 @@ def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objec
                 timeout: float | None = None) -> None:
     """Score `candidates` on the held-out split over the pool's free workers; `say` reports a failure.
     A re-score still running after `timeout` seconds is given up and its worker replaced."""
-    import ray
-
     done: dict[str, Any] = dict(study.user_attrs.get(records.HELDOUT_ATTR, {}))
     examples: dict[str, Any] = dict(study.user_attrs.get(records.HELDOUT_EXAMPLES_ATTR, {}))
     todo = collections.deque(t for t in candidates if str(t.number) not in done)
@@ -54,10 +53,10 @@ def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objec
             slot, t = free.popleft(), todo.popleft()
             attempts[t.number] += 1
             recipe_yaml = t.user_attrs[records.RECORD_ATTR]["recipe"]
-            in_flight[slot.handle.heldout.remote(t.number, recipe_yaml, indices)] = (slot, t, time.monotonic())
+            in_flight[pool.call(slot, "heldout", t.number, recipe_yaml, indices)] = (slot, t, time.monotonic())
         if not in_flight:
             break
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if timeout is None else 0.5)
+        ready = pool.wait(list(in_flight), timeout=None if timeout is None else 0.5)
         if not ready:
             now = time.monotonic()
             for ref, (slot, t, started) in list(in_flight.items()):
@@ -69,13 +68,13 @@ def run_heldout(study: optuna.Study, candidates: list, pool: WorkerPool, n_objec
             continue
         slot, t, _ = in_flight.pop(ready[0])
         try:
-            result = ray.get(ready[0])
-        except ray.exceptions.RayActorError as e:
+            result = pool.get(ready[0])
+        except WorkerDied as e:
             pool.replace(slot)
             if attempts[t.number] < MAX_ATTEMPTS:
                 todo.append(t)
             else:
-                say(f"held-out score of trial {t.number} failed: {death_reason(e)}")
+                say(f"held-out score of trial {t.number} failed: {e.reason}")
         else:
             slot.busy_s += result["busy_s"]
             if result["ok"]:

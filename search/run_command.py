@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from search.runspec import load_spec
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="run spec YAML (see runs/demo.yaml)")
@@ -20,13 +18,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-timeout", type=float,
                    help="seconds one trial may run on its worker before it fails and the worker is replaced "
                         "(overrides `trial_timeout:`)")
-    p.add_argument("--workers", type=int, help="number of Ray workers (overrides `workers:`)")
+    p.add_argument("--workers", type=int, help="number of workers (overrides `workers:`)")
     p.add_argument("--seed", type=int, help="sampler and merge seed (overrides `seed:`)")
     p.add_argument("--sampler", help="tpe, cmaes, gp, nsga2, random, qmc or a dotted class path (overrides `sampler:`)")
     p.add_argument("--pruner", help="paired, successive_halving, hyperband, median or none (overrides `pruner:`)")
     p.add_argument("--name", help="run name, and so its folder <spec folder>/<name>/ (overrides `name:`), "
                                   "e.g. to compare seeds or samplers from one spec")
-    p.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", help="run the workers as Ray actors on this Ray cluster (`local`: a Ray started "
+                                         "on this machine); without it they are processes on this machine")
     p.add_argument("--storage", help="Optuna storage URL, or journal:PATH (default: sqlite in the run folder)")
     p.add_argument("--resume", action="store_true", help="continue the study of an earlier run of this spec")
     p.add_argument("--quiet", action="store_true", help="no progress display or summary")
@@ -39,6 +38,12 @@ def spec_overrides(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    from search.local_workers import runs_locally, start_fork_server
+
+    if runs_locally(args.ray_address):
+        start_fork_server()  # the workers' imports (seconds) go on while the driver reads and checks the spec
+    from search.runspec import load_spec
+
     spec = load_spec(args.spec, spec_overrides(args))
     from search.driver import run  # Ray and Optuna only once the spec is known to be good
 

@@ -29,6 +29,8 @@ RUN_FILES = (
     ("trials.jsonl", "every trial: params, recipe, score per stage, held-out score, timings, state"),
     ("run.json", "the run's settings, baselines, winner and verdict (the winner against the best baseline)"),
     ("study.db", "the Optuna study (SQLite): resume with --resume, or open in optuna-dashboard"),
+    ("study.db-wal", "SQLite's log of the study's latest writes, merged into study.db when it is closed"),
+    ("study.db-shm", "SQLite's index of that log"),
     ("report/", "plots and report.html (mergesearch report rebuilds it)"),
     ("top/", "the top trials as mergekit YAML (mergesearch export --top)"),
     ("winner/", "the winner rebuilt as a model folder"),

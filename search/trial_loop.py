@@ -1,6 +1,6 @@
 """The ask/tell loop: Optuna asks a trial, the space makes it a recipe, a free worker builds and scores it.
 
-The loop is the only writer of the study. Dispatch is asynchronous (ray.wait on
+The loop is the only writer of the study. Dispatch is asynchronous (the pool waits on
 whatever is in flight): a worker that frees up gets the next piece of work at
 once, with no generation barrier. A trial with stages makes one round trip per
 stage (search/stages.py); after each but the last the pruner may stop it.
@@ -47,7 +47,8 @@ from search.schedule import Schedule
 from search.scored_recipes import ScoredRecipes
 from search.study_view import StudyView
 from search.trial_counts import TrialCounts
-from search.worker_pool import Slot, WorkerCrashLoop, WorkerPool, death_reason
+from search.worker_faults import CallFailed, WorkerDied
+from search.worker_pool import Slot, WorkerCrashLoop, WorkerPool
 
 MAX_ATTEMPTS = 2  # a trial whose worker dies is run once more, then failed
 MAX_SUGGEST_FAILURES_IN_A_ROW = 20  # the space raises on every trial: a bug, not bad luck
@@ -133,8 +134,6 @@ class TrialLoop:
         self.loop_end = time.monotonic()
 
     def _loop(self, free: collections.deque, stop: StopFlag) -> None:
-        import ray
-
         while True:
             if stop.requested:  # Ctrl-C, acted on here, never in the middle of a write to the study
                 raise KeyboardInterrupt
@@ -155,7 +154,7 @@ class TrialLoop:
                     raise WorkerCrashLoop(f"no worker left: {self.pool.last_death}")
                 self.commit_deferred(all_of_them=True)
                 break  # nothing running and nothing left to start
-            ready, _ = ray.wait(list(self.in_flight), num_returns=1, timeout=0.5)
+            ready = self.pool.wait(list(self.in_flight), timeout=0.5)
             for ref in ready:
                 slot, run, _ = self.in_flight.pop(ref)
                 now = time.monotonic()
@@ -168,16 +167,13 @@ class TrialLoop:
 
     def _handle_result(self, slot: Slot, run: TrialRun, ref) -> bool:
         """One finished call; True if its worker was sent on to the next stage of the same trial."""
-        import ray
-
         try:
-            result = ray.get(ref)
-        except ray.exceptions.RayActorError as e:
+            result = self.pool.get(ref)
+        except WorkerDied as e:
             self._worker_died(slot, run, e)
-        except ray.exceptions.RayError as e:  # the call itself raised: fail the trial, keep the worker
+        except CallFailed as e:  # the call itself raised: fail the trial, keep the worker
             slot.deaths_in_a_row = 0
-            reason = death_reason(e).replace("worker died", "worker error")
-            self._defer(run, TrialState.FAIL, reason=reason, worker=slot)
+            self._defer(run, TrialState.FAIL, reason=e.reason, worker=slot)
         else:
             slot.busy_s += result["busy_s"]
             slot.calls += 1
@@ -193,7 +189,7 @@ class TrialLoop:
             if limit is None or now - run.started < limit:
                 continue
             del self.in_flight[ref]
-            self.pool.replace(slot)  # the only way to stop a call Ray is running
+            self.pool.replace(slot)  # the only way to stop a call a worker is running
             self._defer(run, TrialState.FAIL, reason=f"timed out after {limit:g} s", worker=slot)
             slot.free_since = now
             if not slot.retired:  # retired: no node left had room for its replacement
@@ -277,10 +273,10 @@ class TrialLoop:
             run.started = now
             run.workers.append(slot.name)
             run.timings.setdefault("dispatched", time.time())
-            ref = slot.handle.begin.remote(run.number, run.recipe_yaml, self.stages[0].jobs)
+            ref = self.pool.call(slot, "begin", run.number, run.recipe_yaml, self.stages[0].jobs)
         else:
             last = run.stage == len(self.stages) - 1
-            ref = slot.handle.advance.remote(run.number, self.stages[run.stage].jobs, last)
+            ref = self.pool.call(slot, "advance", run.number, self.stages[run.stage].jobs, last)
         self.in_flight[ref] = (slot, run, kind)
 
     def _stage_done(self, slot: Slot, run: TrialRun, result: dict) -> bool:
@@ -309,7 +305,7 @@ class TrialLoop:
             run.trial.report(result["scores"][0], stage.step)
             run.reported.add(stage.step)
         if self._should_prune(run):
-            slot.handle.release.remote()
+            self.pool.call(slot, "release")
             self._defer(run, TrialState.PRUNED, reason=f"pruned after stage {stage.step}", worker=slot)
             return False
         run.stage += 1
@@ -331,7 +327,7 @@ class TrialLoop:
             latest.update(s["scores"])
         return [latest[n] for n in self.setup.objective_names]
 
-    def _worker_died(self, slot: Slot, run: TrialRun, e: Exception) -> None:
+    def _worker_died(self, slot: Slot, run: TrialRun, e: WorkerDied) -> None:
         reason = self.pool.worker_died(slot, e)
         run.timings.setdefault("deaths", []).append(reason)
         if slot.retired:

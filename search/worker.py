@@ -1,4 +1,4 @@
-"""A search worker: a Ray actor that builds candidates in memory and scores them.
+"""A search worker: a process (local, or a Ray actor) that builds candidates in memory and scores them.
 
 The source models are loaded once (by the Materializer, lazily, then resident)
 and the objectives are built once; each trial only materializes a candidate and
@@ -19,6 +19,7 @@ returned as {"ok": False, "error": ...}, so the worker stays up for the next tri
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -65,7 +66,8 @@ def _import_model_code(models: dict[str, str]) -> None:
 
 
 class Worker:
-    """Use through `ray.remote(Worker)`; plain Python so it can be tested and read without Ray."""
+    """Run by search/worker_pool.py as a local process or a Ray actor; plain Python, so it can be tested
+    and read without either."""
 
     def __init__(
         self,
@@ -120,13 +122,8 @@ class Worker:
     def info(self) -> dict[str, Any]:
         import socket
 
-        node = None
-        try:
-            import ray
-
-            node = ray.get_runtime_context().get_node_id()
-        except Exception:  # not under Ray
-            pass
+        ray = sys.modules.get("ray")  # a Ray actor's node; a local process has its host only
+        node = ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else None
         return {"worker": self.worker_id, "pid": os.getpid(), "host": socket.gethostname(), "node": node,
                 "device": self.device, **self._sources_info(), "startup_error": self.startup_error,
                 "startup_s": self.startup_s,

@@ -154,15 +154,22 @@ def test_a_run_whose_every_trial_failed_exits_1_with_the_most_common_reason(clus
         "RuntimeError: this candidate cannot be scored"]
 
 
-def test_a_worker_that_dies_on_every_call_stops_the_run_with_its_exit_code(cluster, pair_zoo, tmp_path, capfd):
-    path = write_run(tmp_path, "crash_loop", pair_zoo, "def score(model, tokenizer, fidelity):\n    sys.exit(17)\n",
+def crash_loop(tmp_path: Path, zoo: Path, capfd) -> tuple[Path, str, str]:
+    """A run whose worker exits with code 17 on every call stops in one line: (spec, that line, all output)."""
+    path = write_run(tmp_path, "crash_loop", zoo, "def score(model, tokenizer, fidelity):\n    sys.exit(17)\n",
                      trials=5, workers=1)
     assert cli_main(["run", str(path), "--quiet"]) == 2
     out, err = capfd.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mergesearch run: error: worker w0 died 4 times in a row"), err
-    assert "Worker exits with an exit code 17." in lines[0] and lines[0].endswith(f"{path} --resume")
-    assert "A worker died" not in out + err  # Ray's own multi-line report is not echoed
+    assert lines[0].endswith(f"{path} --resume")
+    return path, lines[0], out + err
+
+
+def test_a_worker_that_dies_on_every_call_stops_the_run_with_its_exit_code(cluster, pair_zoo, tmp_path, capfd):
+    path, line, output = crash_loop(tmp_path, pair_zoo, capfd)
+    assert "Worker exits with an exit code 17." in line
+    assert "A worker died" not in output  # Ray's own multi-line report is not echoed
     # trial 0 failed after its 2 attempts; trial 1 died on its second and stopped the run: it (and any
     # trial sampled ahead) is left interrupted, and enqueued again for --resume
     trials = _study(load_spec(path)).get_trials()

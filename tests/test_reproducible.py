@@ -40,17 +40,23 @@ def decided(run_dir: Path) -> list[dict]:
     return out
 
 
-def test_two_runs_of_one_spec_on_two_workers_give_the_same_trials(zoo, tmp_path):
+def run_twice(zoo: Path, tmp_path: Path, trials: int) -> list[Path]:
+    """One spec (jittered workers, a pruner, baselines, held-out) run twice on 2 workers; the run folders."""
     space = {"kind": "weights", "method": ["task_arithmetic", "ties"], "base": "base", "models": ["fst", "nxt"]}
     objectives = [{"kind": "custom", "function": "fns.py:jittered", "heldout_function": "fns.py:reversed_heldout",
                    "fidelities": [1, 2, 4]}]
     runs = []
     for name in ("first", "second"):
-        spec = load_spec(write_run(tmp_path / name, "same", zoo, space, JITTER, objectives, trials=14, workers=2,
+        spec = load_spec(write_run(tmp_path / name, "same", zoo, space, JITTER, objectives, trials=trials, workers=2,
                                    pruner="successive_halving", heldout_top_k=2, baselines=True,
                                    sampler={"name": "tpe", "n_startup_trials": 5}))
         run(spec, quiet=True)
         runs.append(spec.run_dir)
+    return runs
+
+
+def test_two_runs_of_one_spec_on_two_workers_give_the_same_trials(zoo, tmp_path):
+    runs = run_twice(zoo, tmp_path, trials=14)
     first, second = (decided(d) for d in runs)
     assert [r["state"] for r in first].count("PRUNED") > 0, "the pruner must have had a say"
     assert first == second
