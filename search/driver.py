@@ -2,7 +2,7 @@
 
     setup = prepare_run(spec)        search/run_setup.py   every input checked, model headers too; nothing written yet
     pool.start()                     search/worker_pool.py workers holding the models (local processes or Ray actors)
-    study = open_study(setup)        search/run_setup.py   the Optuna study, run.json (a resumed one: before Ray)
+    study = open_study(setup)        search/run_setup.py   the Optuna study, run.json (resumed: before the workers)
     score_baselines(...)             search/baselines.py   the hand-written merges in the space, outside the budget
     TrialLoop(...).run()             search/trial_loop.py  ask, build and score on a free worker, tell
     score_baselines(...)                                   the other hand-written merges
@@ -13,7 +13,7 @@
 Ctrl-C or a killed driver leaves trials RUNNING in the study; --resume marks them
 FAIL ("interrupted") and enqueues their parameters again, so each re-runs, and the
 budget counts the trials that finished. A --resume with nothing left to run writes
-the outputs without starting Ray. A run whose every trial failed says why in
+the outputs without starting a worker. A run whose every trial failed says why in
 RunResult.failure (the command exits 1).
 """
 
@@ -55,11 +55,12 @@ class RunResult:
 
 
 def run(spec: RunSpec, *, resume: bool = False, ray_address: str | None = None, quiet: bool = False) -> RunResult:
-    # every input is checked (0.1 s) before Ray starts: a bad one is one line, and nothing was started for it
+    # every input is checked (0.1 s) before any worker starts: a bad one is one line, and nothing was started for it
     setup = prepare_run(spec, resume)
     progress = Progress(spec.name, spec.trials, spec.timeout, quiet=quiet)
-    # Ray comes before a new study, so a cluster that does not answer leaves nothing behind; a resumed
-    # study is opened first, as a --resume with nothing left to run writes the outputs without Ray
+    # the workers come before a new study, so a cluster that does not answer (or an objective only a worker
+    # can check) leaves nothing behind; a resumed study is opened first, as a --resume with nothing left to
+    # run writes the outputs without workers
     study = open_study(setup, resume) if resume else None
     util = None
     if study is None or work_left(study, setup):

@@ -1,4 +1,4 @@
-"""A run's set-up: everything checked before the run folder, the study or Ray exist, then the study.
+"""A run's set-up: everything checked before the run folder, the study or the workers exist, then the study.
 
 `prepare_run` builds the space, checks the model files it merges (search/model_check.py,
 headers only), checks the objectives' specs (the workers build them), the stage plan,
