@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from search_fns import state_fingerprint  # noqa: E402
-from test_driver import local_ray, trials_of, write_run, zoo  # noqa: E402,F401  (module fixtures)
+from test_driver import trials_of, write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
 from search import records  # noqa: E402
 from search.driver import run  # noqa: E402

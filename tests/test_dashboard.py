@@ -17,7 +17,7 @@ optuna_dashboard = pytest.importorskip(
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from test_driver import local_ray, write_run, zoo  # noqa: E402,F401  (module fixtures)
+from test_driver import write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
 from search import records  # noqa: E402
 from search.driver import run  # noqa: E402

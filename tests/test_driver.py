@@ -1,6 +1,7 @@
-"""The search driver end to end: real Optuna storage, real local Ray, tiny stand-in models, real mergekit.
+"""The search driver end to end: real Optuna storage, real local worker processes, tiny stand-in models,
+real mergekit.
 
-One Ray instance for the module. The sweeps (one per space) run first in a
+The sweeps (one per space) run first in a
 module fixture; their winners are rebuilt by mergekit's own commands in one
 subprocess, and each must equal, tensor for tensor, what the worker scored.
 """
@@ -40,8 +41,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
+    """A Ray started for the module, which runs then use (Ray actors) instead of local processes."""
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a Ray found running

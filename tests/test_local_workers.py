@@ -15,7 +15,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from test_driver import zoo  # noqa: E402,F401  (a module fixture; not its local_ray: these tests need no Ray)
+from test_driver import zoo  # noqa: E402,F401  (a module fixture)
 from test_faults import HANG_FIRST_CALL, crash_loop, write_run  # noqa: E402
 from test_reproducible import decided, run_twice  # noqa: E402
 

@@ -20,7 +20,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from conftest import assert_same_tensors  # noqa: E402
-from test_driver import local_ray, rebuilt_tensors, trials_of, write_run, zoo  # noqa: E402,F401  (module fixtures)
+from test_driver import rebuilt_tensors, trials_of, write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
 from search import records  # noqa: E402
 from search.cli import main as cli_main  # noqa: E402

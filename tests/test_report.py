@@ -1,6 +1,6 @@
 """`mergesearch report` and `mergesearch show` on real tiny runs.
 
-Three runs, built once for the module with real Ray, real Optuna storage and the
+Three runs, built once for the module with real worker processes, real Optuna storage and the
 stand-in models of test_driver.py, cover what a report draws differently:
 
 - staged: one objective in stages with a pruner and held-out scores; a slerp
@@ -27,7 +27,7 @@ from PIL import Image
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from test_driver import local_ray, write_run, zoo  # noqa: E402,F401  (local_ray and zoo: module fixtures)
+from test_driver import write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
 from search import records  # noqa: E402
 from search.cli import main as cli_main  # noqa: E402

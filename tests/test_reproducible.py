@@ -1,5 +1,6 @@
 """The same spec, seed and worker count give the same run, whichever worker is faster; a recipe already
-scored is never built again. Real Ray, real Optuna (TPE with its pruner), tiny stand-in models."""
+scored is never built again. Real Ray actors (tests/test_local_workers.py runs the same on local processes),
+real Optuna (TPE with its pruner), tiny stand-in models."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run_twice(zoo: Path, tmp_path: Path, trials: int) -> list[Path]:
     return runs
 
 
-def test_two_runs_of_one_spec_on_two_workers_give_the_same_trials(zoo, tmp_path):
+def test_two_runs_of_one_spec_on_two_ray_workers_give_the_same_trials(local_ray, zoo, tmp_path):
     runs = run_twice(zoo, tmp_path, trials=14)
     first, second = (decided(d) for d in runs)
     assert [r["state"] for r in first].count("PRUNED") > 0, "the pruner must have had a say"
