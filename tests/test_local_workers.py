@@ -5,18 +5,21 @@ user's script without a main guard not run again in them. Real processes, real O
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from optuna.trial import TrialState
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
 from test_driver import zoo  # noqa: E402,F401  (a module fixture)
-from test_faults import HANG_FIRST_CALL, crash_loop, write_run  # noqa: E402
+from test_faults import GATED, HANG_FIRST_CALL, _study, _wait_for, crash_loop, write_run  # noqa: E402
 from test_reproducible import decided, run_twice  # noqa: E402
 
 from search import records  # noqa: E402
@@ -140,3 +143,32 @@ def test_a_script_without_a_main_guard_is_not_run_again_in_the_workers(pair_zoo,
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["started", "{'complete': 2, 'pruned': 0, 'failed': 0}"]
+
+
+def test_ctrl_c_in_a_terminal_stops_the_run_and_every_worker(pair_zoo, tmp_path):
+    """A terminal's Ctrl-C goes to the driver and its workers alike (one process group): the workers ignore it,
+    the driver leaves the trials in flight for --resume, stops its workers and exits 130; no process is left."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    path = write_run(tmp_path, "ctrl_c", pair_zoo, "import time\n" + GATED.format(gate=str(gate)), trials=20,
+                     workers=2)
+    spec = load_spec(path)
+    command = [sys.executable, "-m", "search.cli", "run", str(path), "--quiet"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for(spec.run_dir / "trials.jsonl", 3, proc)
+    gate.unlink()  # the next trials are held on their workers
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = proc.stderr.read()
+    assert "--resume" in err and "Traceback" not in err, err
+    study = _study(spec)
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert study.get_trials(states=(TrialState.WAITING,))  # the interrupted ones, to run again
+    deadline = time.monotonic() + 60
+    while True:  # the workers and the fork server end with the driver (reaped by init once it has exited)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "a process of the run outlived its driver"
+        time.sleep(0.1)
