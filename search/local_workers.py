@@ -33,6 +33,7 @@ from typing import Any
 
 from search.engine.errors import UserError
 from search.engine.memory_plan import LIMIT_ENV
+from search.worker import OFFLINE_ENV, one_line
 from search.worker_faults import CallFailed, WorkerDied, cut
 
 # What the fork server imports once for every worker
@@ -61,7 +62,7 @@ def serve(conn, worker_class: type, args: tuple, env: dict[str, str], cwd: str, 
     try:
         worker = worker_class(*args)
     except BaseException as e:
-        conn.send(("failed", f"worker failed to start: {_one_line(e)}"))
+        conn.send(("failed", f"worker failed to start: {cut(one_line(e))}"))
         return
     while True:
         try:
@@ -71,13 +72,8 @@ def serve(conn, worker_class: type, args: tuple, env: dict[str, str], cwd: str, 
         try:
             answer = ("ok", getattr(worker, method)(*call_args))
         except Exception as e:
-            answer = ("error", f"worker error: {_one_line(e)}\n{traceback.format_exc(limit=8)}")
+            answer = ("error", f"worker error: {cut(one_line(e))}\n{traceback.format_exc(limit=8)}")
         conn.send(answer)
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return cut(f"{type(e).__name__}: {text[0] if text else ''}".strip())
 
 
 class _Popen(popen_forkserver.Popen):
@@ -197,7 +193,6 @@ def start_fork_server() -> None:
     from multiprocessing import forkserver
 
     from search.ray_workers import environment
-    from search.worker import OFFLINE_ENV
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(PRELOAD)
     try:

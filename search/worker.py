@@ -31,7 +31,8 @@ StageJobs = list[tuple[int, Any]]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """'TypeName: first line of the message', for a reason that fits one line."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}".strip()
 
@@ -134,7 +135,7 @@ class Worker:
         try:
             plan = self.materializer.memory_plan()
         except Exception as e:  # a model folder that cannot be read fails the trials that use it, not the start
-            return {"sources": None, "sources_plan": _one_line(e)}
+            return {"sources": None, "sources_plan": one_line(e)}
         return {"sources": plan.mode, "sources_plan": plan.describe()}
 
     # ---- one trial, stage by stage -----------------------------------------
@@ -174,7 +175,7 @@ class Worker:
             scores = self._score(jobs)
         except Exception as e:  # a bad candidate fails its trial, not the worker
             self._drop()
-            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+            return self._result(t0, ok=False, error=one_line(e), traceback=traceback.format_exc(limit=8))
         t2 = time.perf_counter()
         return self._scored(t0, scores, materialize_s=t1 - t0, score_s=t2 - t1)
 
@@ -187,7 +188,7 @@ class Worker:
             scores = self._score(jobs)
         except Exception as e:
             self._drop()
-            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+            return self._result(t0, ok=False, error=one_line(e), traceback=traceback.format_exc(limit=8))
         result = self._scored(t0, scores, score_s=time.perf_counter() - t0)
         if last:
             self._drop()
@@ -214,7 +215,7 @@ class Worker:
             # the first objective's per-example results, where it keeps them: the run's paired margin
             examples = getattr(self.objectives[0], "heldout_example_values", lambda: None)()
         except Exception as e:
-            return self._result(t0, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+            return self._result(t0, ok=False, error=one_line(e), traceback=traceback.format_exc(limit=8))
         return self._result(t0, ok=True, scores=scores, examples=examples)
 
     def _result(self, t0: float, **fields: Any) -> dict[str, Any]:

@@ -105,11 +105,11 @@ def test_a_worker_killed_mid_trial_is_replaced_and_its_trial_retried_once(pair_z
 
 def test_a_hung_trial_times_out_and_its_worker_is_replaced(pair_zoo, tmp_path):
     spec = load_spec(write_run(tmp_path, "hung", pair_zoo, HANG_FIRST_CALL.format(marker=str(tmp_path / "hung.marker")),
-                               trials=3, workers=1, trial_timeout=10))
+                               trials=3, workers=1, trial_timeout=20))
     result = run(spec, quiet=True)
     recs = sorted(records.read_trials(spec.run_dir / "trials.jsonl"), key=lambda r: r["trial"])
     assert [r["state"] for r in recs] == ["FAIL", "COMPLETE", "COMPLETE"]
-    assert recs[0]["reason"] == "timed out after 10 s"
+    assert recs[0]["reason"] == "timed out after 20 s"
     assert all(r["worker"] == "w0.1" for r in recs[1:])
     assert result.counts == {"complete": 2, "pruned": 0, "failed": 1}
 
