@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/bench_driver.py [--trials 300] [--scale-trials 5000] [--workers 64] [--write]
 
-Utilization (`--trials`): a real run (search/driver.py:run) with 2 real workers on local Ray,
+Utilization (`--trials`): a real run (search/run/driver.py:run) with 2 real workers on local Ray,
 the slerp-curve space on tiny stand-in models and a cheap objective (one forward pass of 48
 tokens: the build is most of a trial's time), SQLite storage in the run folder. Busy fraction = the workers' own busy time
 over the search loop's wall time, for the default sampler (multivariate TPE) and for random.
 
-Scale (`--scale-trials`, `--workers`): the real trial loop (search/trial_loop.py, the real
+Scale (`--scale-trials`, `--workers`): the real trial loop (search/run/trial_loop.py, the real
 space, sampler, study on SQLite, trials.jsonl and progress) against a pool of stand-in Ray
 actors, one per worker, that answer `begin` / `advance` at once with a score hashed from
 the recipe. Nothing but the driver and Ray's round trips is measured: trials/s per
@@ -42,12 +42,14 @@ import optuna  # noqa: E402
 from bench_search import SLERP_SPACE, write_section, write_spec  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
-from search import records, trial_loop  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.progress import Progress  # noqa: E402
-from search.run_setup import open_study, prepare_run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
-from search.worker_pool import WorkerPool  # noqa: E402
+from search.study import records  # noqa: E402
+
+from search.run import trial_loop
+from search.run.driver import run  # noqa: E402
+from search.run.progress import Progress  # noqa: E402
+from search.run.run_setup import open_study, prepare_run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
+from search.workers.worker_pool import WorkerPool  # noqa: E402
 
 WINDOW = 500
 # a cheap objective: one forward pass of 48 tokens on the candidate (the build is most of a trial)
@@ -73,13 +75,13 @@ PHASES = [
     ("tell (study.tell + trial attrs)", "optuna.Study", "tell"),
     ("tell (study.tell + trial attrs)", "optuna.Trial", "set_user_attr"),
     ("tell (study.tell + trial attrs)", "optuna.Trial", "report"),
-    ("prune (pruner on the schedule's view)", "search.trial_loop.TrialLoop", "_should_prune"),
-    ("trials.jsonl", "search.records", "append_trial"),
-    ("progress line (counts + print)", "search.trial_loop", "study_counts"),
-    ("progress line (counts + print)", "search.progress.Progress", "trial_finished"),
-    ("Ray (submit, wait, get)", "search.worker_pool.WorkerPool", "wait"),
-    ("Ray (submit, wait, get)", "search.worker_pool.WorkerPool", "get"),
-    ("Ray (submit, wait, get)", "search.trial_loop.TrialLoop", "_dispatch"),
+    ("prune (pruner on the schedule's view)", "search.run.trial_loop.TrialLoop", "_should_prune"),
+    ("trials.jsonl", "search.study.records", "append_trial"),
+    ("progress line (counts + print)", "search.run.trial_loop", "study_counts"),
+    ("progress line (counts + print)", "search.run.progress.Progress", "trial_finished"),
+    ("Ray (submit, wait, get)", "search.workers.worker_pool.WorkerPool", "wait"),
+    ("Ray (submit, wait, get)", "search.workers.worker_pool.WorkerPool", "get"),
+    ("Ray (submit, wait, get)", "search.run.trial_loop.TrialLoop", "_dispatch"),
 ]
 
 
@@ -128,7 +130,7 @@ class PhaseClock:
 
 
 class StandinWorker:
-    """The worker's calls (search/worker.py) without building or scoring: a score hashed from the recipe."""
+    """The worker's calls (search/workers/worker.py) without building or scoring: a score hashed from the recipe."""
 
     def __init__(self, name: str, send_examples: bool):
         self.name, self.send_examples, self.recipe = name, send_examples, ""
@@ -175,7 +177,7 @@ def scale_run(work: Path, models: dict, sampler: str, trials: int, workers: int,
               plain_storage: bool = False) -> dict:
     """The trial loop against stand-in workers: finish times of every trial and the phases' seconds.
     `plain_storage`: the study on Optuna's own storage (its cached RDB storage, SQLite's default journal),
-    as the driver had it before search/single_writer_storage.py and search/sqlite_wal.py."""
+    as the driver had it before search/study/single_writer_storage.py and search/study/sqlite_wal.py."""
     objective = {"kind": "custom", "function": "fns.py:score"}
     extra = {}
     if staged:
@@ -195,7 +197,7 @@ def scale_run(work: Path, models: dict, sampler: str, trials: int, workers: int,
         spec.run_dir.mkdir(parents=True, exist_ok=True)
         setup.storage = optuna.storages.RDBStorage(setup.storage_url)
     if staged:
-        from search.paired_pruner import PairedPruner
+        from search.study.paired_pruner import PairedPruner
 
         setup.pruner, setup.send_examples = PairedPruner(), True
     study = open_study(setup, resume=False)
@@ -323,19 +325,19 @@ NOTES = [
     "",
     "- SQLite commits: Optuna commits each write alone, about a dozen per trial (the trial, each parameter, "
     "each attribute, its end), and each commit synced the file (8 ms each here). The study's SQLite now runs "
-    "in WAL mode with `synchronous=NORMAL` (search/sqlite_wal.py): a killed driver still loses no committed write.",
+    "in WAL mode with `synchronous=NORMAL` (search/study/sqlite_wal.py): a killed driver still loses no committed write.",
     "- Reads of the study: Optuna's cached RDB storage reads every unfinished trial again on each read of the "
     "study, and `study.ask`, the sampler and the loop read it several times per trial; with 64 workers some "
     "128 trials are unfinished (in flight, or held back by the reproducible schedule). The study has one "
-    "writer, so its storage (search/single_writer_storage.py) reads the database once and then applies its own "
+    "writer, so its storage (search/study/single_writer_storage.py) reads the database once and then applies its own "
     "writes to its cache; a trial's end is read back once (tests/test_driver_scale.py counts the reads).",
     "- Counts for the progress line were a recount of the whole study (two reads, O(n)) after every trial; "
-    "they are now kept one told trial at a time (search/trial_counts.py), checked against a recount in "
+    "they are now kept one told trial at a time (search/study/trial_counts.py), checked against a recount in "
     "tests/test_driver_scale.py.",
     "- What is left per trial is Optuna's own work on the writes (an ORM round trip per write: 'sample' is "
     "mostly the four parameter writes with random sampling, 'tell' the record, the state and the read-back) "
     "and, with TPE, the sampler: multivariate TPE with the constant liar costs O(n) per ask in Optuna itself. "
-    "The default TPE reads at most 500 finished trials per proposal (search/tpe_history.py: its good group "
+    "The default TPE reads at most 500 finished trials per proposal (search/study/tpe_history.py: its good group "
     "whole, an evenly spaced sample of the others), so past 500 its cost per proposal stops growing but for "
     "the O(n) pass that reads and thins the trials once per proposal (`sampler: {name: tpe, history: null}` "
     "reads every trial, as Optuna's TPE does).",

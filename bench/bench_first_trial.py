@@ -13,7 +13,7 @@ the driver imports and checks the spec), so durations do not add up to the timel
 
   python start            the interpreter and site-packages, before the driver's first line
   fork server started     local workers: the fork server begins its imports (torch, transformers'
-                          model code, lm-eval: search/local_workers.py), before the spec is read
+                          model code, lm-eval: search/workers/local_workers.py), before the spec is read
   imports                 the driver's modules (Optuna, SQLAlchemy; not torch, lm-eval or Ray)
   check spec and models   prepare_run: space, model headers, objectives' specs
   load the study's code   Optuna's RDB storage modules, loaded while the workers start
@@ -70,15 +70,16 @@ def timed(module, name, label):
             at(label + " done")
     setattr(module, name, wrapper)
 
-# as `mergesearch run` does (search/run_command.py): the fork server (local workers), the spec, the driver
-from search.local_workers import runs_locally, start_fork_server
+# as `mergesearch run` does (search/commands/run_command.py): the fork server (local workers), the spec, the driver
+from search.workers.local_workers import runs_locally, start_fork_server
 if runs_locally(sys.argv[5] or None):
     start_fork_server()
     at("fork server started (local workers)")
-from search.runspec import load_spec
+from search.spec.runspec import load_spec
 spec = load_spec(sys.argv[1], {"trials": 2, "name": sys.argv[2], "baselines": sys.argv[3] == "on"})
 at("spec read")
-from search import baselines, driver, local_workers, ray_workers, worker_pool, trial_loop
+from search.run import baselines, driver, trial_loop
+from search.workers import local_workers, ray_workers, worker_pool
 at("imports done")
 steps["imports"] = marks["imports done"]
 timed(driver, "prepare_run", "check spec and models")

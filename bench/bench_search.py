@@ -58,11 +58,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from search_fns import PROBE  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
-from search import records  # noqa: E402
+from search.study import records  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
-from search.driver import run  # noqa: E402
+from search.run.driver import run  # noqa: E402
 from search.engine.materialize import Materializer  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 SLERP_SPACE = {"kind": "slerp", "models": ["fst", "nxt"], "filters": ["self_attn"], "anchors": 2}
 SLERP_TARGET = {"t.self_attn.0": 0.2, "t.self_attn.1": 0.7, "t.rest.0": 0.6, "t.rest.1": 0.3}

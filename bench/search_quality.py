@@ -102,10 +102,11 @@ def best_within(trials: list[dict], n: int, sign: int) -> dict | None:
 
 
 def one_run(work: Path, base: dict, sampler: str, seed: int, trials: int, checkpoints: list[int], scorer: Scorer) -> dict:
-    from search import export, records
-    from search.driver import run
-    from search.paired_stats import margin
-    from search.runspec import load_spec
+    from search.results import export
+    from search.study import records
+    from search.run.driver import run
+    from search.study.paired_stats import margin
+    from search.spec.runspec import load_spec
 
     name = f"quality_{sampler}_{seed}"
     data = {**base, "name": name, "sampler": sampler, "seed": seed, "trials": trials}

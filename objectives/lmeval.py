@@ -39,7 +39,7 @@ whole subset from scratch. Without `new_candidate()` every call scores its whole
 subset; held-out scoring never reuses anything.
 
 `example_values()` hands those per-example results of the current candidate to the
-paired pruner (search/paired_pruner.py), which compares a trial with the best one
+paired pruner (search/study/paired_pruner.py), which compares a trial with the best one
 example by example; it needs metrics lm-eval aggregates by their mean or as perplexity.
 """
 

@@ -1,27 +1,20 @@
 """mergesearch: search mergekit recipes with Optuna over local or Ray workers, score them on cheap proxy evals.
 
-Packages and who may import whom (tests/test_layout.py enforces it):
+Packages, top to bottom; a package imports only those below it (tests/test_layout.py enforces it,
+and that no two modules import each other round a circle):
 
-- search.engine  the merge engine (recipe -> tensors); imports nothing else of ours.
-- spaces         trial -> recipe; imports only search.engine.
-- objectives     (model, tokenizer, fidelity) -> score; imports only search.engine.
-- search         the loop that joins them: run spec, ask/tell driver, worker pool,
-                 held-out re-scoring, samplers and pruners, records, export, and the
-                 command line (cli.py and its *_command.py modules, demo.py); it may
-                 import any of the above.
+    search.commands   the command line: cli.py and one module per command, demo.py
+    search.run        one run: the ask/tell driver, set-up, trial loop, baselines, held-out
+    search.results    what a run hands back: winner, verdict, export, summary, report, card
+    search.workers    the workers that build and score candidates, and their pool
+    search.spec       the run spec, parsed and checked
+    search.study      what Optuna sees: storage, samplers, pruners; the run's records
+    search.engine, spaces, objectives
+                      the merge engine (recipe -> tensors), the search spaces (trial -> recipe)
+                      and the proxy evals (model -> score); spaces and objectives import only
+                      search.engine, and the engine nothing else of ours
 
-One candidate's path: search/driver.py asks a trial -> spaces/ suggests a recipe ->
-search/worker.py materializes it with search/engine/ and scores it with objectives/
--> search/trial_loop.py tells the study and writes trials.jsonl.
-
-Inside search/, by what a run does:
-- set-up: runspec.py, model_check.py, run_setup.py, samplers.py, pruners.py, storage.py
-- the loop: driver.py, trial_loop.py (with schedule.py, scored_recipes.py, stages.py,
-  study_view.py, interrupts.py), worker_pool.py (with local_workers.py, ray_workers.py and
-  worker_faults.py), worker.py, baselines.py, heldout.py,
-  paired_pruner.py, staged_tpe.py, paired_stats.py, progress.py, records.py
-- after it: verdict.py, export.py, publish.py and run_card.py (a model folder with its
-  card), summary.py (tables), report.py with report_plots.py, importance.py and
-  recipe_layers.py
-- commands: cli.py, *_command.py, demo.py
+One candidate's path: search/run/driver.py asks a trial -> spaces/ suggests a recipe ->
+search/workers/worker.py materializes it with search/engine/ and scores it with objectives/
+-> search/run/trial_loop.py tells the study and writes trials.jsonl.
 """

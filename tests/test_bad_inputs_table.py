@@ -4,7 +4,7 @@ written, nothing deleted, no command run by the input).
 
 Each case builds its inputs in its own folder (the current directory while it runs, so a stray
 file shows up) and returns the command line and a pattern the error line must match. The CLI
-runs in-process (`search.cli.main`); cases about an unwritable folder run it in a subprocess
+runs in-process (`search.commands.cli.main`); cases about an unwritable folder run it in a subprocess
 when we are root (see run_locked). Every case fails before Ray would start.
 """
 
@@ -26,11 +26,11 @@ import pytest
 import torch
 import yaml
 
-from search import records
-from search.cli import main as cli_main
+from search.study import records
+from search.commands.cli import main as cli_main
 from search.engine.errors import UserError
-from search.samplers import build_sampler
-from search.storage import mask
+from search.study.samplers import build_sampler
+from search.study.storage import mask
 
 sys.path.insert(0, str(Path(__file__).parent))
 from standins import make_finetune, make_standin  # noqa: E402

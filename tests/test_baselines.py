@@ -14,12 +14,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_fns import state_fingerprint  # noqa: E402
 from test_driver import trials_of, write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
-from search import records  # noqa: E402
-from search.driver import run  # noqa: E402
+from search.study import records  # noqa: E402
+from search.run.driver import run  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
 from search.engine.materialize import Materializer  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
-from search.verdict import verdict_line, winner_vs_baselines  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
+from search.results.verdict import verdict_line, winner_vs_baselines  # noqa: E402
 
 FNS = """
 def reversed_heldout(model, tokenizer, fidelity):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import COMMANDS
+from search.commands.cli import COMMANDS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")

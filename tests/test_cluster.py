@@ -23,16 +23,16 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from search import records  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.study import records  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 BEFORE = 2  # trials the doomed node completes before its node is removed with the next one in flight
-# The reproducible schedule (search/schedule.py) asks no trial while one asked K = 3 earlier is unfinished,
+# The reproducible schedule (search/run/schedule.py) asks no trial while one asked K = 3 earlier is unfinished,
 # so each worker's next trial comes at most K + 1 after its last: the doomed worker's first is among the
 # first 3, its third at trial 10 at the latest, and trials remain after it for the nodes left.
 TRIALS = 14
@@ -177,10 +177,10 @@ def test_trials_land_on_every_node_and_a_node_removed_mid_run_loses_no_completed
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING, TrialState.FAIL))
 
 
-# ---- where workers fit (search/placement.py): pure, no Ray
+# ---- where workers fit (search/workers/placement.py): pure, no Ray
 
 def test_a_cpu_share_is_counted_node_by_node():
-    from search.placement import cpu_share
+    from search.workers.placement import cpu_share
 
     three = {n: {"CPU": 1.0} for n in "abc"}
     assert cpu_share(three, 3, {}) == 1.0
@@ -193,7 +193,7 @@ def test_a_cpu_share_is_counted_node_by_node():
 
 
 def test_a_replacement_has_room_only_where_the_other_workers_leave_some():
-    from search.placement import actors_that_fit, free_after
+    from search.workers.placement import actors_that_fit, free_after
 
     need = {"CPU": 1.0}
     left = {"a": {"CPU": 1.0}, "b": {"CPU": 1.0}}  # node c left the cluster

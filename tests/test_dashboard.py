@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_driver import write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
-from search import records  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.study import records  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 FNS = """
 def reversed_heldout(model, tokenizer, fidelity):

@@ -28,13 +28,15 @@ from conftest import assert_same_tensors  # noqa: E402
 from search_fns import PROBE, state_fingerprint  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
-from search import export, records  # noqa: E402
+from search.results import export  # noqa: E402
+
+from search.study import records
 from search.engine import recipe as recipes  # noqa: E402
-from search.cli import main as cli_main  # noqa: E402
-from search.driver import run  # noqa: E402
+from search.commands.cli import main as cli_main  # noqa: E402
+from search.run.driver import run  # noqa: E402
 from search.engine.errors import UserError  # noqa: E402
 from search.engine.materialize import Materializer  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -1,13 +1,13 @@
 """The driver's per-trial work does not grow with the study: structural checks, no timing.
 
-- The counts the progress line shows, kept one told trial at a time (search/trial_counts.py),
+- The counts the progress line shows, kept one told trial at a time (search/study/trial_counts.py),
   equal a recount of the whole study, for one objective and for several, with baselines,
   duplicates, pruned, failed and interrupted trials among them.
-- The study's storage (search/single_writer_storage.py) reads the study from the database once;
+- The study's storage (search/study/single_writer_storage.py) reads the study from the database once;
   afterwards each trial costs at most one read of that one trial (its end, read back), however
   many trials the sampler and the loop read; and what it serves from memory equals what a
   fresh read of the database gives.
-- SQLite runs in WAL mode (search/sqlite_wal.py).
+- SQLite runs in WAL mode (search/study/sqlite_wal.py).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from optuna.trial import TrialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search import records  # noqa: E402
-from search.storage import open_storage  # noqa: E402
-from search.trial_counts import TrialCounts, study_counts  # noqa: E402
+from search.study import records  # noqa: E402
+from search.study.storage import open_storage  # noqa: E402
+from search.study.trial_counts import TrialCounts, study_counts  # noqa: E402
 
 
 def recount(study: optuna.Study):

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from search.cli import main as cli_main
+from search.commands.cli import main as cli_main
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -114,8 +114,8 @@ def test_a_broken_model_is_one_line_before_ray_or_the_study(case, pair_zoo, tmp_
 
 
 def test_a_pickle_checkpoint_is_accepted_with_allow_pickle(pair_zoo, tmp_path):
-    from search.run_setup import prepare_run
-    from search.runspec import load_spec
+    from search.run.run_setup import prepare_run
+    from search.spec.runspec import load_spec
 
     fst = tmp_path / "fst"
     shutil.copytree(pair_zoo / "fst", fst)

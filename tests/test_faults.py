@@ -22,11 +22,11 @@ from optuna.trial import TrialState
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
 
-from search import records  # noqa: E402
+from search.study import records  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
-from search.cli import main as cli_main  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.commands.cli import main as cli_main  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -189,7 +189,7 @@ def test_resume_with_nothing_left_writes_the_outputs_without_ray(cluster, pair_z
         s.bind(("127.0.0.1", 0))
         nowhere = f"127.0.0.1:{s.getsockname()[1]}"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    done = subprocess.run([sys.executable, "-m", "search.cli", "run", str(path), "--resume", "--quiet",
+    done = subprocess.run([sys.executable, "-m", "search.commands.cli", "run", str(path), "--resume", "--quiet",
                            "--ray-address", nowhere], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr
     # the same winner: its header line (trial and score) and its recipe
@@ -246,7 +246,7 @@ def test_interrupted_and_killed_drivers_resume_without_losing_or_repeating_a_tri
     spec = load_spec(path)
     trials_path = spec.run_dir / "trials.jsonl"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    command = [sys.executable, "-m", "search.cli", "run", str(path), "--ray-address", cluster.address, "--quiet"]
+    command = [sys.executable, "-m", "search.commands.cli", "run", str(path), "--ray-address", cluster.address, "--quiet"]
 
     # 1. Ctrl-C with trials held in flight: the driver marks them interrupted, enqueues them again, exits 130
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)

@@ -84,14 +84,14 @@ def test_every_package_imports_only_what_its_rule_allows():
 @pytest.mark.parametrize(
     "source, importer, ok",
     [
-        ("from search.driver import run", "search/engine/x.py", False),
+        ("from search.run.driver import run", "search/engine/x.py", False),
         ("from search import records", "search/engine/x.py", False),
         ("from search.engine import recipe", "search/engine/x.py", True),
         ("from .plan import Job", "search/engine/x.py", True),
         ("from ..runspec import RunSpec", "search/engine/x.py", False),
         ("def f():\n    import objectives.lmeval", "spaces/x.py", False),
         ("from search.engine.errors import UserError", "objectives/x.py", True),
-        ("from search.export import write", "objectives/zoo/x.py", False),
+        ("from search.results.export import write", "objectives/zoo/x.py", False),
         ("from spaces import build_space", "objectives/x.py", False),
     ],
 )

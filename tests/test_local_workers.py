@@ -1,4 +1,4 @@
-"""Local worker processes (search/local_workers.py), what a run without Ray uses on a machine without GPUs:
+"""Local worker processes (search/workers/local_workers.py), what a run without Ray uses on a machine without GPUs:
 forked from the fork server, replaced when they die or hang, the same trials from the same seed, and a
 user's script without a main guard not run again in them. Real processes, real Optuna, tiny models."""
 
@@ -22,11 +22,11 @@ from test_driver import zoo  # noqa: E402,F401  (a module fixture)
 from test_faults import GATED, HANG_FIRST_CALL, _study, _wait_for, crash_loop, write_run  # noqa: E402
 from test_reproducible import decided, run_twice  # noqa: E402
 
-from search import records  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.local_workers import LocalWorkers, runs_locally  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
-from search.worker_faults import CallFailed, WorkerDied  # noqa: E402
+from search.study import records  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.workers.local_workers import LocalWorkers, runs_locally  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
+from search.workers.worker_faults import CallFailed, WorkerDied  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -133,8 +133,8 @@ def test_a_script_without_a_main_guard_is_not_run_again_in_the_workers(pair_zoo,
     spec = write_run(tmp_path, "script", pair_zoo, "score = fingerprint\n", trials=2, workers=1)
     script = tmp_path / "my_search.py"
     script.write_text(textwrap.dedent(f"""
-        from search.driver import run
-        from search.runspec import load_spec
+        from search.run.driver import run
+        from search.spec.runspec import load_spec
         print("started", flush=True)
         result = run(load_spec({str(spec)!r}), quiet=True)
         print(result.counts, flush=True)
@@ -153,7 +153,7 @@ def test_ctrl_c_in_a_terminal_stops_the_run_and_every_worker(pair_zoo, tmp_path)
     path = write_run(tmp_path, "ctrl_c", pair_zoo, "import time\n" + GATED.format(gate=str(gate)), trials=20,
                      workers=2)
     spec = load_spec(path)
-    command = [sys.executable, "-m", "search.cli", "run", str(path), "--quiet"]
+    command = [sys.executable, "-m", "search.commands.cli", "run", str(path), "--quiet"]
     proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, start_new_session=True)
     _wait_for(spec.run_dir / "trials.jsonl", 3, proc)
     gate.unlink()  # the next trials are held on their workers

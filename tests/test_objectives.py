@@ -29,7 +29,7 @@ from objectives import build_objectives
 from objectives.fidelity import check_fidelities, nested_subset
 from objectives.zoo.tokenizer import VOCAB
 from search.engine.errors import UserError
-from search.paired_pruner import PairedPruner
+from search.study.paired_pruner import PairedPruner
 from standins import make_standin
 from tiny_models import constant_llama
 

@@ -1,4 +1,4 @@
-"""The paired pruner: trials compared with the best one example by example (search/paired_pruner.py)."""
+"""The paired pruner: trials compared with the best one example by example (search/study/paired_pruner.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pytest
 
-from search.paired_pruner import PairedPruner, paired_z
+from search.study.paired_pruner import PairedPruner, paired_z
 
 
 def examples(values, aggregation="mean", weight=1.0, task="t"):

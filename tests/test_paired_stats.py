@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from search.paired_stats import margin, paired_difference
+from search.study.paired_stats import margin, paired_difference
 
 
 def values(xs, aggregation="mean", weight=1.0):

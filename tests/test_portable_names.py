@@ -22,12 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import assert_same_tensors  # noqa: E402
 from test_driver import rebuilt_tensors, trials_of, write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
-from search import records  # noqa: E402
-from search.cli import main as cli_main  # noqa: E402
-from search.driver import run  # noqa: E402
+from search.study import records  # noqa: E402
+from search.commands.cli import main as cli_main  # noqa: E402
+from search.run.driver import run  # noqa: E402
 from search.engine import recipe as recipes  # noqa: E402
 from search.engine.errors import UserError  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 FNS = """
 def reversed_heldout(model, tokenizer, fidelity):

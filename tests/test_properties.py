@@ -31,8 +31,8 @@ from optuna.trial import FixedTrial, TrialState
 from search.engine.errors import UserError
 from search.engine.materialize import Materializer
 from search.engine.recipe import RecipeError, as_stages, dump_stages, from_dict, loads
-from search.run_setup import prepare_run
-from search.runspec import load_spec
+from search.run.run_setup import prepare_run
+from search.spec.runspec import load_spec
 from spaces import build_space
 from standins import make_standin
 from test_spaces import SEEDS, STUDY_SPACES, toy, zoo  # noqa: F401  (toy and zoo are fixtures)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(TESTS))
 
 from test_driver import write_run, zoo  # noqa: E402,F401  (zoo: a module fixture)
 
-from search import records  # noqa: E402
-from search.cli import main as cli_main  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.study import records  # noqa: E402
+from search.commands.cli import main as cli_main  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 STAGED = {
     "space": {"kind": "compose", "stages": [
@@ -164,8 +164,8 @@ def test_report_command_rebuilds_from_the_run_folder_alone(runs, tmp_path, capsy
 
 
 def test_baseline_records_are_drawn_as_lines_not_counted_as_trials(runs, tmp_path):
-    from search import report_plots
-    from search.report import load_view
+    from search.results import report_plots
+    from search.results.report import load_view
 
     moved = tmp_path / "with_baseline"
     shutil.copytree(runs["flat"], moved)
@@ -200,7 +200,7 @@ def test_report_and_show_refuse_a_folder_that_is_not_a_run_in_one_line(bad, tmp_
 def show_text(run_dir: Path, width: int = 80) -> str:
     from rich.console import Console
 
-    from search.show_command import show
+    from search.commands.show_command import show
 
     console = Console(width=width, record=True, force_terminal=False, color_system=None)
     show(run_dir, console)
@@ -221,7 +221,7 @@ def test_show_fits_80_columns_and_lists_the_files(runs, name):
 
 
 def test_show_prints_every_parameter_of_the_winner_in_full(runs):
-    from search import export, summary
+    from search.results import export, summary
 
     run_dir = runs["staged"]
     text = show_text(run_dir)
@@ -239,7 +239,7 @@ def test_show_prints_every_parameter_of_the_winner_in_full(runs):
 def test_the_end_of_run_summary_is_the_same_table_and_lists_the_files(runs):
     from rich.console import Console
 
-    from search import export
+    from search.results import export
 
     console = Console(width=80, record=True, force_terminal=False, color_system=None)
     export.print_summary(runs["staged"], console=console)

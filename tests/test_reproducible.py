@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_driver import local_ray, trials_of, write_run, zoo  # noqa: E402,F401  (module fixtures)
 
-from search import records  # noqa: E402
-from search.driver import run  # noqa: E402
-from search.runspec import load_spec  # noqa: E402
+from search.study import records  # noqa: E402
+from search.run.driver import run  # noqa: E402
+from search.spec.runspec import load_spec  # noqa: E402
 
 # Each call waits a random while first, so the two workers finish in a different order in every run:
 # the runs may only agree if what the sampler and the pruner see does not depend on that order.

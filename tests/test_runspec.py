@@ -13,11 +13,11 @@ import yaml
 from optuna.trial import TrialState
 
 from search.engine.errors import UserError
-from search.pruners import build_pruner
-from search.runspec import load_spec
-from search.samplers import build_sampler
-from search.staged_tpe import read_pruned_as_finished
-from search.storage import mask, open_storage
+from search.study.pruners import build_pruner
+from search.spec.runspec import load_spec
+from search.study.samplers import build_sampler
+from search.study.staged_tpe import read_pruned_as_finished
+from search.study.storage import mask, open_storage
 
 
 @pytest.fixture()
@@ -72,7 +72,7 @@ def test_command_line_overrides_win(folder):
 def test_run_options_override_seed_sampler_pruner_and_name(folder):
     import argparse
 
-    from search import run_command
+    from search.commands import run_command
 
     parser = argparse.ArgumentParser()
     run_command.add_arguments(parser)
@@ -138,7 +138,7 @@ def test_malformed_yaml_names_the_line(folder):
 def test_the_command_refuses_a_bad_spec_before_any_work(folder):
     path = write(folder, good(trials=0))
     proc = subprocess.run(
-        [sys.executable, "-m", "search.cli", "run", str(path)], capture_output=True, text=True, cwd=folder
+        [sys.executable, "-m", "search.commands.cli", "run", str(path)], capture_output=True, text=True, cwd=folder
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "trials:" in proc.stderr

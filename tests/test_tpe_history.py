@@ -1,4 +1,4 @@
-"""TPE's thinned history (search/tpe_history.py): the good group Optuna's TPE picks is kept whole,
+"""TPE's thinned history (search/study/tpe_history.py): the good group Optuna's TPE picks is kept whole,
 the rest sampled evenly, running trials kept; checked against Optuna's own split of the trials."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from optuna.samplers._tpe.sampler import _split_trials, default_gamma
 from optuna.trial import TrialState, create_trial
 
 from search.engine.errors import UserError
-from search.samplers import build_sampler
-from search.tpe_history import thin_history
+from search.study.samplers import build_sampler
+from search.study.tpe_history import thin_history
 
 DISTS = {"x": FloatDistribution(0, 1), "y": FloatDistribution(0, 1)}
 

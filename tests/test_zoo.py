@@ -21,7 +21,7 @@ import yaml
 from objectives.zoo import skills
 from objectives.zoo.build import MANIFEST, SKILLS, SPLIT_SIZES, build_zoo
 from objectives.zoo.tokenizer import BOS, EOS, encode
-from search.cli import main as cli_main
+from search.commands.cli import main as cli_main
 from search.engine.errors import UserError
 
 SCALE = 0.01  # 20 base steps, 1 step per specialist: complete and deterministic, not trained
@@ -156,8 +156,8 @@ def test_mergekit_reads_the_zoo(zoo, tmp_path):
 
 def test_a_worker_sends_the_examples_the_paired_pruner_compares(zoo):
     """With `send_examples`, each stage's result carries the per-example values behind its score
-    (search/paired_pruner.py compares trials with them); the stages' examples are nested."""
-    from search.worker import Worker
+    (search/study/paired_pruner.py compares trials with them); the stages' examples are nested."""
+    from search.workers.worker import Worker
 
     folder, _ = zoo
     objective = {"kind": "lmeval", "include_path": str(folder / "tasks"), "tasks": ["fst_search", "cnt_search"],

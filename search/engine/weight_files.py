@@ -1,5 +1,5 @@
 """Which files of a model folder hold its weights: torch-free, so the driver can check a run's models
-(search/model_check.py) without importing torch (seconds on a small machine, which Ray's start and the
+(search/spec/model_check.py) without importing torch (seconds on a small machine, which Ray's start and the
 workers' imports need at the same moment)."""
 
 from __future__ import annotations
