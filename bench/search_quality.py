@@ -102,7 +102,7 @@ def best_within(trials: list[dict], n: int, sign: int) -> dict | None:
 
 
 def one_run(work: Path, base: dict, sampler: str, seed: int, trials: int, checkpoints: list[int], scorer: Scorer) -> dict:
-    from search.results import export
+    from search.results import run_folder, winner
     from search.study import records
     from search.run.driver import run
     from search.study.paired_stats import margin
@@ -115,7 +115,7 @@ def one_run(work: Path, base: dict, sampler: str, seed: int, trials: int, checkp
     started = time.perf_counter()
     run(load_spec(path), quiet=True)
     wall = time.perf_counter() - started
-    meta, recs = export.load_run(work / name)
+    meta, recs = run_folder.load_run(work / name)
     direction = meta["directions"][0]
     sign = 1 if direction == "maximize" else -1
     spent = search_trials(recs)
@@ -123,7 +123,7 @@ def one_run(work: Path, base: dict, sampler: str, seed: int, trials: int, checkp
     for c in checkpoints:
         best = best_within(spent, c, sign)
         curve[c] = scorer.heldout(best["recipe"]) if best else None
-    win = export.winner(recs, meta["directions"])
+    win = winner.winner(recs, meta["directions"])
     baselines = {r["baseline"]: r for r in recs if r.get("baseline")}
     test = {b: scorer.test(r["recipe"])[0] for b, r in baselines.items()}
     win_test, win_examples = scorer.test(win["recipe"])

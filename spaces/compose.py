@@ -29,16 +29,22 @@ from search.engine.errors import UserError, short
 from search.engine.recipe import as_stages
 
 from .base import PrefixedTrial, Space
+from .expansion import ExpansionSpace
+from .layout import LayoutSpace
 from .model_info import ModelInfo
+from .slerp import SlerpSpace
 from .spec import NotInSpace, SpecReader
+from .weights import WeightsSpace
+
+# what a stage may be: mergekit-multi reads every document as a mergekit-yaml config (no moe),
+# and a stage is not itself a composition
+STAGE_SPACES: dict[str, type[Space]] = {cls.kind: cls for cls in (SlerpSpace, WeightsSpace, LayoutSpace, ExpansionSpace)}
 
 
 class ComposeSpace(Space):
     kind = "compose"
 
     def read(self, spec: SpecReader) -> None:
-        from . import build_space  # the registry imports this module
-
         stages = spec.take("stages")
         if not isinstance(stages, list) or len(stages) < 2:
             spec.fail("stages", "expected a list of at least two stage specs (each a space spec with a kind)")
@@ -58,12 +64,14 @@ class ComposeSpace(Space):
                     raise UserError(f"{where}.name: {short(name)} is already a model or stage name; pick another")
                 named.add(i)
             name = name or f"stage{i + 1}"
-            if stage_spec.get("kind") == "compose":
+            kind = stage_spec.get("kind")
+            if kind == "compose":
                 raise UserError(f"{where}.kind: a stage cannot itself be a composition; list its stages here")
-            if stage_spec.get("kind") == "moe":
-                # mergekit-multi reads every document as a mergekit-yaml config
+            if kind == "moe":
                 raise UserError(f"{where}.kind: mergekit-multi cannot run a moe stage; search the MoE on its own")
-            space = build_space(stage_spec, self.available, where)
+            if not isinstance(kind, str) or kind not in STAGE_SPACES:
+                raise UserError(f"{where}.kind: {short(kind)} is not a stage space; use one of {', '.join(STAGE_SPACES)}")
+            space = STAGE_SPACES[kind](stage_spec, self.available, where)
             self.stages.append((name, space))
             info = space.output_info()
             if info is not None:

@@ -28,7 +28,7 @@ from conftest import assert_same_tensors  # noqa: E402
 from search_fns import PROBE, state_fingerprint  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
-from search.results import export  # noqa: E402
+from search.results import winner  # noqa: E402
 
 from search.study import records
 from search.engine import recipe as recipes  # noqa: E402
@@ -163,8 +163,8 @@ def test_sweep_winner_rebuilt_by_mergekit_is_what_the_worker_scored(kind, sweeps
     run_dir = sweeps[kind]
     meta = records.read_json(run_dir / "run.json")
     recs = trials_of(run_dir)
-    best = export.rank(recs, meta["directions"])[0]
-    assert best["trial"] == max(export.complete(recs), key=lambda r: r["values"][0])["trial"]
+    best = winner.rank(recs, meta["directions"])[0]
+    assert best["trial"] == max(winner.complete(recs), key=lambda r: r["values"][0])["trial"]
     # 1. the score the worker gave is a fingerprint of the exact weights it scored: mergekit's model has them too
     rebuilt = transformers.AutoModelForCausalLM.from_pretrained(run_dir / "rebuilt", dtype="auto")
     assert state_fingerprint(rebuilt.state_dict()) == pytest.approx(best["values"][0], rel=1e-12, abs=1e-9)
@@ -256,7 +256,7 @@ def test_stages_prune_on_the_resident_candidate_and_held_out_changes_the_pick(zo
             assert steps in ([1], [1, 2]) and r["reason"].startswith("pruned after stage")
             assert sorted(t.intermediate_values) == steps
     # held-out: the top 3 by search score are re-scored; the pick goes by held-out score
-    complete = sorted(export.complete(recs), key=lambda r: -r["values"][0])
+    complete = sorted(winner.complete(recs), key=lambda r: -r["values"][0])
     rescored = [r for r in recs if r["heldout"] is not None]
     assert sorted(r["trial"] for r in rescored) == sorted(r["trial"] for r in complete[:3])
     for r in rescored:
@@ -316,7 +316,7 @@ def test_several_objectives_make_a_pareto_front(zoo, tmp_path):
                                pruner="hyperband", heldout_top_k=0))
     result = run(spec, quiet=True)
     recs = trials_of(spec.run_dir)
-    front = export.pareto(recs, ["maximize", "minimize"])
+    front = winner.pareto(recs, ["maximize", "minimize"])
     files = sorted((spec.run_dir / "pareto").glob("trial-*.yaml"))
     assert [f.name for f in files] == sorted(f"trial-{r['trial']}.yaml" for r in front) and files
     assert not (spec.run_dir / "best.yaml").exists()

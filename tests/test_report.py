@@ -221,14 +221,14 @@ def test_show_fits_80_columns_and_lists_the_files(runs, name):
 
 
 def test_show_prints_every_parameter_of_the_winner_in_full(runs):
-    from search.results import export, summary
+    from search.results import summary, winner
 
     run_dir = runs["staged"]
     text = show_text(run_dir)
     flat_text = re.sub(r"\s+", "", text)  # wrapped lines joined: nothing was cut
     meta = records.read_json(run_dir / "run.json")
-    winner = export.winner(trials_of(run_dir), meta["directions"])
-    for group, items in summary.param_groups(winner["params"]):
+    best = winner.winner(trials_of(run_dir), meta["directions"])
+    for group, items in summary.param_groups(best["params"]):
         for key, value in items:
             assert re.sub(r"\s+", "", f"{key}={value}") in flat_text
     # the slerp anchors are shown as one list per filter, under the stage's prefix
@@ -239,10 +239,10 @@ def test_show_prints_every_parameter_of_the_winner_in_full(runs):
 def test_the_end_of_run_summary_is_the_same_table_and_lists_the_files(runs):
     from rich.console import Console
 
-    from search.results import export
+    from search.results import summary
 
     console = Console(width=80, record=True, force_terminal=False, color_system=None)
-    export.print_summary(runs["staged"], console=console)
+    summary.render(runs["staged"], console=console)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
     assert "trials.jsonl" in text and "best.yaml" in text and "report/" in text

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from objectives.lmeval import LmEvalObjective, TaskEntry
     from objectives.zoo.build import SKILLS, build_zoo, no_hf_progress_bars
     from objectives.zoo.tasks import task_name
-    from search.results import export
+    from search.results import run_folder, winner
     from search.study import records
     from search.run.driver import run
     from search.engine import recipe as recipes
@@ -97,8 +97,8 @@ def main(args: argparse.Namespace) -> int:
     run(spec)
 
     print("[3/4] rebuilding the winner with mergekit", flush=True)
-    meta, recs = export.load_run(run_dir)
-    best = export.winner(recs, meta["directions"])
+    meta, recs = run_folder.load_run(run_dir)
+    best = winner.winner(recs, meta["directions"])
     if best is None:
         raise UserError(f"demo: the search finished without a complete trial ({run_dir}/trials.jsonl says why)")
     winner_dir = materialize(best, meta, recs, run_dir / "winner", with_mergekit=True, overwrite=True)
@@ -117,15 +117,15 @@ def main(args: argparse.Namespace) -> int:
         if r.get("baseline"):
             model = engine.materialize(recipes.loads(r["recipe"]))
             table[r["baseline"]], examples[r["baseline"]] = test_scores(objective, model, tokenizer, SKILLS)
-    winner = "searched winner (rebuilt by mergekit)"
+    searched = "searched winner (rebuilt by mergekit)"
     with no_hf_progress_bars():
         model = transformers.AutoModelForCausalLM.from_pretrained(winner_dir).eval()
-    table[winner], examples[winner] = test_scores(objective, model, tokenizer, SKILLS)
-    print_table(table, winner)
+    table[searched], examples[searched] = test_scores(objective, model, tokenizer, SKILLS)
+    print_table(table, searched)
 
     means = {name: sum(r.values()) / len(r) for name, r in table.items()}
-    best = max((n for n in table if n != winner), key=means.get)
-    paired = margin(examples[winner], examples[best], "maximize")
+    best = max((n for n in table if n != searched), key=means.get)
+    paired = margin(examples[searched], examples[best], "maximize")
     low, high = paired["ci95"]
     if low > 0:
         verdict = "beats"

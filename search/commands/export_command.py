@@ -24,7 +24,7 @@ import sys
 import types
 from pathlib import Path
 
-from search.results import export
+from search.results import export, run_folder, winner
 from search.engine import recipe as recipes
 from search.engine.errors import UserError
 
@@ -72,7 +72,7 @@ def _writing(out):
 
 def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
-    meta, recs = export.load_run(run_dir)
+    meta, recs = run_folder.load_run(run_dir)
     directions = meta["directions"]
     if args.with_mergekit and not args.materialize:
         raise UserError("--with-mergekit: it builds the model of --materialize OUT_DIR; add that, or drop it")
@@ -81,10 +81,10 @@ def main(args: argparse.Namespace) -> int:
     if args.top is not None:
         if args.top < 1:
             raise UserError("--top: must be at least 1")
-        chosen = export.rank(recs, directions)[: args.top]
+        chosen = winner.rank(recs, directions)[: args.top]
         folder = Path(args.out) if args.out else run_dir / "top"
     elif args.trial is None and len(directions) > 1:
-        chosen = export.pareto(recs, directions)
+        chosen = winner.pareto(recs, directions)
         folder = Path(args.out) if args.out else run_dir / "pareto"
     else:
         record = _one_trial(args, run_dir, recs, directions)
@@ -110,9 +110,9 @@ def main(args: argparse.Namespace) -> int:
 def _one_trial(args: argparse.Namespace, run_dir: Path, recs: list[dict], directions: list[str]) -> dict:
     """--trial N, else the winner: the best by held-out score, or the Pareto front's best on the first objective."""
     if args.trial is not None:
-        return export.find_trial(recs, args.trial)
-    pool = export.pareto(recs, directions) if len(directions) > 1 else recs
-    ranked = export.rank(pool, directions)
+        return winner.find_trial(recs, args.trial)
+    pool = winner.pareto(recs, directions) if len(directions) > 1 else recs
+    ranked = winner.rank(pool, directions)
     if not ranked:
         raise UserError(f"{run_dir}: no trial completed; nothing to export")
     return ranked[0]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from search.results import export, summary
+from search.results import run_folder, summary, winner
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def show(run_dir: Path, console, top: int = 10) -> None:
     summary.render(run_dir, console, top)
-    meta, recs = export.load_run(run_dir)
-    best = export.winner(recs, meta["directions"])
+    meta, recs = run_folder.load_run(run_dir)
+    best = winner.winner(recs, meta["directions"])
     if best is None:
         return
     path = Path(run_dir) / "best.yaml"

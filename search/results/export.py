@@ -11,126 +11,22 @@ arguments that rebuild the recipe here from the folders the run read.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from search.results.run_folder import load_run
+from search.results.verdict import verdict_line
+from search.results.winner import all_numbers, pareto, winner
 from search.study import records
 from search.engine import output
 from search.engine import recipe as recipes
-from search.engine.errors import UserError, short
+from search.engine.errors import UserError
 
 # Fields of mergekit configs that name a model (tokenizer_source may also be "base" or "union").
 _MODEL_FIELDS = ("model", "base_model", "source_model", "tokenizer_source", "source")
-
-
-# ---- reading a run -------------------------------------------------------
-
-STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")  # Optuna's, as trials.jsonl writes them
-
-
-def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """run.json and trials.jsonl, checked enough that everything below can read them as written."""
-    run_dir = Path(run_dir)
-    meta_path, trials_path = run_dir / "run.json", run_dir / "trials.jsonl"
-    if not meta_path.is_file() or not trials_path.is_file():
-        raise UserError(
-            f"{run_dir}: not a run folder (no run.json / trials.jsonl); give the folder `mergesearch run` wrote"
-        )
-    restore = "restore the file `mergesearch run` wrote (a --resume of the run writes it again)"
-    try:
-        meta = records.read_json(meta_path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{meta_path}: not valid JSON ({getattr(e, 'msg', 'not UTF-8')}); {restore}") from None
-    directions = meta.get("directions") if isinstance(meta, dict) else None
-    if not (isinstance(directions, list) and directions and all(d in ("maximize", "minimize") for d in directions)):
-        raise UserError(f"{meta_path}: no `directions` (maximize or minimize per objective); {restore}")
-    try:
-        recs = records.read_trials(trials_path)
-    except (AttributeError, KeyError, TypeError, UnicodeDecodeError):  # a line that is JSON but not a record
-        raise UserError(f"{trials_path}: a line is not a trial record; {restore}") from None
-    for r in recs:
-        if not (isinstance(r.get("trial"), int) or isinstance(r.get("baseline"), str)):
-            raise UserError(f"{trials_path}: a line has no `trial` number; {restore}")
-        if r.get("state") not in STATES:
-            which = f"trial {r['trial']}" if r.get("trial") is not None else f"baseline {r['baseline']}"
-            raise UserError(f"{trials_path}: {which} has no valid `state` ({', '.join(STATES)}); {restore}")
-    return meta, recs
-
-
-def _sign(direction: str) -> int:
-    return 1 if direction == "maximize" else -1
-
-
-def _numbers(values: Any) -> bool:
-    return isinstance(values, list) and bool(values) and all(isinstance(v, (int, float)) for v in values)
-
-
-def complete(recs: list[dict]) -> list[dict]:
-    """The search's COMPLETE trials, each recipe once: baselines (search/run/baselines.py) are what they are
-    compared with, and a duplicate (search/run/trial_loop.py) only repeats its original's result."""
-    # a value that was not finite is stored as null: such a trial cannot be ranked
-    return [r for r in recs if r["state"] == "COMPLETE" and r.get("recipe") and _numbers(r.get("values"))
-            and not r.get("baseline") and r.get("duplicate_of") is None]
-
-
-def rank(recs: list[dict], directions: list[str], by_heldout: bool | None = None) -> list[dict]:
-    """COMPLETE trials, best first, by the first objective. By held-out score when any trial has one
-    (those re-scored come first, in held-out order), else by the search score."""
-    pool = complete(recs)
-    if by_heldout is None:
-        by_heldout = any(_numbers(r.get("heldout")) for r in pool)
-    sign = _sign(directions[0])
-
-    def key(r):
-        if by_heldout:
-            h = r.get("heldout")
-            return (0, -sign * h[0], r["trial"]) if _numbers(h) else (1, -sign * r["values"][0], r["trial"])
-        return (0, -sign * r["values"][0], r["trial"])
-
-    return sorted(pool, key=key)
-
-
-def winner(recs: list[dict], directions: list[str]) -> dict | None:
-    """The run's winner, what best.yaml holds: the first of `rank` (by held-out score when the run has one);
-    with several objectives, the Pareto front's first by that order."""
-    pool = pareto(recs, directions) if len(directions) > 1 else recs
-    ranked = rank(pool, directions)
-    return ranked[0] if ranked else None
-
-
-def pareto(recs: list[dict], directions: list[str]) -> list[dict]:
-    """Trials no other trial beats on every objective (Optuna's definition), by trial number."""
-    pool = complete(recs)
-    signs = [_sign(d) for d in directions]
-
-    def dominates(a, b):
-        va = [s * v for s, v in zip(signs, a["values"])]
-        vb = [s * v for s, v in zip(signs, b["values"])]
-        return all(x >= y for x, y in zip(va, vb)) and any(x > y for x, y in zip(va, vb))
-
-    return [r for r in pool if not any(dominates(o, r) for o in pool if o is not r)]
-
-
-def find_trial(recs: list[dict], number: int) -> dict:
-    """Trial `number`, if it has a recipe worth exporting: one that completed, or was pruned (its
-    recipe is whole; its score is a stage's)."""
-    r = next((r for r in recs if r["trial"] == number), None)
-    if r is None:
-        raise UserError(f"--trial {number}: no such trial in this run; see trials.jsonl for the numbers")
-    if r["state"] == "FAIL":
-        raise UserError(
-            f"--trial {number}: that trial failed ({short(r.get('reason'), 160)}), so it has no score; "
-            "pick a trial that completed or was pruned"
-        )
-    if r["state"] not in ("COMPLETE", "PRUNED"):
-        raise UserError(f"--trial {number}: that trial did not finish ({r['state']}); pick one that completed")
-    if not r.get("recipe"):
-        raise UserError(f"--trial {number}: that trial has no recipe ({short(r.get('reason'))}); pick another")
-    return r
 
 
 # ---- writing recipes -----------------------------------------------------
@@ -184,8 +80,6 @@ def rebuild_command(stages: list[recipes.Recipe], file_name: str, seed: int | No
 def recipe_text(record: dict, meta: dict, file_name: str, local_paths: bool = False) -> str:
     """A trial's recipe as a mergekit YAML file, with a comment saying where it came from: the models under
     their public names (or this machine's folders with `local_paths`), and how to rebuild it."""
-    from search.results.verdict import verdict_line  # verdict reads export's ranking: imported here, not at the top
-
     stages = recipes.loads(record["recipe"], where=f"trial {record['trial']}")
     seed = meta.get("seed")
     lines = [f"mergesearch run {meta.get('name')}, trial {record['trial']}: {_score_text(record, meta)}"]
@@ -220,7 +114,7 @@ def _score_text(record: dict, meta: dict) -> str:
         )
     text = scores(meta.get("objectives", []), record.get("values") or [])
     held = record.get("heldout")
-    return text + (f"; held-out {', '.join(f'{v:.6g}' for v in held)}" if _numbers(held) else "")
+    return text + (f"; held-out {', '.join(f'{v:.6g}' for v in held)}" if all_numbers(held) else "")
 
 
 def write_recipe(record: dict, meta: dict, path: Path, overwrite: bool = False, local_paths: bool = False) -> Path:
@@ -311,15 +205,3 @@ def write_run_outputs(run_dir: Path) -> dict[str, Any]:
 
 def _summary(r: dict) -> dict:
     return {"trial": r["trial"], "values": r["values"], "heldout": r.get("heldout"), "params": r.get("params") or {}}
-
-
-# ---- the end-of-run table --------------------------------------------------
-
-
-def print_summary(run_dir: Path, console=None, top: int = 10) -> None:
-    """The end-of-run summary: the same one `mergesearch show` prints (search/results/summary.py)."""
-    from rich.console import Console
-
-    from search.results import summary
-
-    summary.render(run_dir, console or Console(), top)

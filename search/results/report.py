@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from search.results import export, summary
+from search.results import export, run_folder, summary, winner
 from search.engine import recipe as recipes
 
 # file stem -> (heading, what the picture shows, plot function name in report_plots)
@@ -75,7 +75,7 @@ class RunView:
 
 
 def load_view(run_dir: Path) -> RunView:
-    meta, recs = export.load_run(run_dir)
+    meta, recs = run_folder.load_run(run_dir)
     trials, baselines = summary.split_baselines(recs)
     # run.json names every baseline with its scores too; take those trials.jsonl does not have
     listed = {b["baseline"] for b in baselines}
@@ -89,9 +89,9 @@ def load_view(run_dir: Path) -> RunView:
         meta=meta,
         trials=trials,
         baselines=baselines,
-        top=export.rank(trials, directions),
-        front=export.pareto(trials, directions) if len(directions) > 1 else [],
-        winner=export.winner(trials, directions),
+        top=winner.rank(trials, directions),
+        front=winner.pareto(trials, directions) if len(directions) > 1 else [],
+        winner=winner.winner(trials, directions),
     )
 
 

@@ -1,7 +1,7 @@
 """A run's summary: counts, the top trials with their full parameters, the winner, the run's files.
 
 One builder for every place a run is summed up: the end of `mergesearch run`
-(export.print_summary), `mergesearch show`, and the report's HTML table. It reads
+(search/run/driver.py), `mergesearch show`, and the report's HTML table. It reads
 the run folder's records only.
 
 Parameters are shown whole, never cut: anchors of one curve (`t.mlp.0`,
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from search.results import export
+from search.results import run_folder, winner
 from search.results.verdict import verdict_line
 
 STATES = (("COMPLETE", "complete"), ("PRUNED", "pruned"), ("FAIL", "failed"))
@@ -53,7 +53,7 @@ def counts_text(trials: list[dict]) -> str:
 def shown_trials(meta: dict, trials: list[dict], top: int) -> list[dict]:
     """The Pareto front for several objectives, else the `top` best (by held-out score where there is one)."""
     directions = meta["directions"]
-    return export.pareto(trials, directions) if len(directions) > 1 else export.rank(trials, directions)[:top]
+    return winner.pareto(trials, directions) if len(directions) > 1 else winner.rank(trials, directions)[:top]
 
 
 # ---- parameters --------------------------------------------------------------
@@ -120,7 +120,7 @@ def build(meta: dict, recs: list[dict], top: int = 10) -> Summary:
     trials, _ = split_baselines(recs)
     names, directions = meta["objectives"], meta["directions"]
     shown = shown_trials(meta, trials, top)
-    best = export.winner(trials, directions)
+    best = winner.winner(trials, directions)
     rows = [
         Row(
             trial=r["trial"],
@@ -162,7 +162,7 @@ def render(run_dir: Path, console, top: int = 10) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    meta, recs = export.load_run(run_dir)
+    meta, recs = run_folder.load_run(run_dir)
     s = build(meta, recs, top)
     console.print(Text(f"{s.name}: {s.counts}", style="bold"))
     if not s.rows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from search.results import export
+from search.results import winner
 from search.study.paired_stats import margin
 
 
@@ -20,10 +20,10 @@ def winner_vs_baselines(recs: list[dict], directions: list[str], baselines: dict
     """None without a winner or a baseline, or with several objectives (a Pareto front has no single winner)."""
     if len(directions) != 1 or not baselines:
         return None
-    winner, direction = export.winner(recs, directions), directions[0]
-    if winner is None:
+    top, direction = winner.winner(recs, directions), directions[0]
+    if top is None:
         return None
-    split = "held-out" if winner.get("heldout") and all(b.get("heldout") for b in baselines.values()) else "search"
+    split = "held-out" if top.get("heldout") and all(b.get("heldout") for b in baselines.values()) else "search"
 
     def score(r: dict) -> float:
         return (r["heldout"] if split == "held-out" else r["values"])[0]
@@ -31,16 +31,16 @@ def winner_vs_baselines(recs: list[dict], directions: list[str], baselines: dict
     sign = 1 if direction == "maximize" else -1
     name, best = max(baselines.items(), key=lambda item: sign * score(item[1]))
     out = {
-        "winner": winner["trial"],
-        "winner_score": score(winner),
+        "winner": top["trial"],
+        "winner_score": score(top),
         "best_baseline": name,
         "baseline_score": score(best),
         "split": split,
-        "difference": sign * (score(winner) - score(best)),  # positive: the winner is better
+        "difference": sign * (score(top) - score(best)),  # positive: the winner is better
         "ci95": None,
     }
     if split == "held-out":
-        paired = margin(heldout_examples.get(str(winner["trial"])) or {}, best.get("heldout_examples") or {}, direction)
+        paired = margin(heldout_examples.get(str(top["trial"])) or {}, best.get("heldout_examples") or {}, direction)
         if paired is not None:
             out["ci95"], out["examples"] = paired["ci95"], paired["examples"]
     out["beats"] = out["difference"] > 0 and (out["ci95"] is None or out["ci95"][0] > 0)

@@ -27,7 +27,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from search.results import export
+from search.results import export, summary, winner
 
 from search.study import records
 from search.run.baselines import baseline_records, before_and_after_the_search, score_baselines
@@ -149,7 +149,7 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     written = export.write_run_outputs(spec.run_dir)
     write_report(spec.run_dir)  # plots and report.html in <run>/report/, before the summary lists them
     if not quiet:
-        export.print_summary(spec.run_dir, console=progress.console)  # with the baselines and the verdict
+        summary.render(spec.run_dir, console=progress.console)  # with the baselines and the verdict
     return RunResult(
         run_dir=spec.run_dir,
         study_name=spec.name,
@@ -165,7 +165,7 @@ def name_the_winner(study: optuna.Study, setup: RunSetup, recs: list[dict], meta
     """The winner (best held-out among the top by search score: what export writes) and the best
     search score are two names, kept apart in run.json and on the study, where the dashboard shows them."""
     meta["best_search_score"] = {"trial": counts.best_trial, "values": counts.best}
-    best = export.winner(recs, setup.directions)
+    best = winner.winner(recs, setup.directions)
     meta["winner"] = best["trial"] if best else None
     for key in ("winner", "best_search_score"):
         study.set_user_attr(key, meta[key])

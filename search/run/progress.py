@@ -9,27 +9,12 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-
-@dataclass
-class Counts:
-    complete: int = 0
-    pruned: int = 0
-    failed: int = 0
-    running: int = 0
-    best: list[float] | None = None
-    best_trial: int | None = None
-    finished_this_session: int = 0
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def done(self) -> int:
-        return self.complete + self.pruned + self.failed
+from search.study.trial_counts import Counts
 
 
 def _fmt_seconds(s: float | None) -> str:

@@ -17,6 +17,7 @@ front holds only baselines.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import optuna
@@ -24,7 +25,24 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from search.study import records
-from search.run.progress import Counts
+
+
+@dataclass
+class Counts:
+    """What the progress line shows: a study's counts and best search trial so far."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    best: list[float] | None = None
+    best_trial: int | None = None
+    finished_this_session: int = 0
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def done(self) -> int:
+        return self.complete + self.pruned + self.failed
 
 
 def dominates(a: list[float], b: list[float], signs: list[int]) -> bool:
