@@ -2,10 +2,14 @@
 
 - `standin_zoo`: tiny HF model folders named like the hub models the seed recipes
   read (same architecture and depth, hidden 64), built on first use, once per session.
-- `mergekit_oracle`: runs mergekit's own console scripts (`mergekit-yaml`, or
-  `mergekit-multi` for multi-document recipes) on a recipe whose model names are
-  replaced by stand-in folders, and returns what they wrote. Results are cached
-  per recipe and seed for the session; `prefetch` runs several at once.
+- `mergekit_oracle`: runs mergekit's own console scripts (`mergekit-yaml`,
+  `mergekit-multi` for multi-document recipes, `mergekit-moe` for MoE configs) on a
+  recipe whose model names are replaced by stand-in folders, and returns what they
+  wrote. Results are cached per recipe and seed for the session; `prefetch` runs
+  several at once.
+- `smollm2`, `real_models`, `real_oracle`: the real pretrained model (SmolLM2-135M-Instruct,
+  tests/real_model.py), seeded perturbations of it as second and third models, and
+  the same oracle on them.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from real_model import perturbed_folder, smollm2_folder  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
 REPO = TESTS.parent
@@ -164,9 +169,10 @@ print(json.dumps(codes))
 
 
 class MergekitOracle:
-    """mergekit 0.1.5's console scripts run on stand-ins; outputs cached per (recipe, seed)."""
+    """mergekit 0.1.5's console scripts run on stand-ins (or any `zoo` with `paths(names)`); outputs cached
+    per (recipe, seed)."""
 
-    def __init__(self, root: Path, zoo: StandinZoo):
+    def __init__(self, root: Path, zoo: StandinZoo | RealModels):
         self.root = root
         self.zoo = zoo
         self._done: dict[str, Path] = {}
@@ -177,9 +183,13 @@ class MergekitOracle:
         key = hashlib.sha256(f"{rendered}\n{seed}".encode()).hexdigest()[:16]
         folder = self.root / key
         recipe = self.root / f"{key}.yml"
-        if len([d for d in yaml.safe_load_all(text) if d]) > 1:
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        if len(docs) > 1:
             script = "mergekit.scripts.multimerge"
             args = [recipe, "--out-path", folder, "-I", self.root / f"{key}-stages"]
+        elif "experts" in docs[0]:
+            script = "mergekit.scripts.moe"
+            args = [recipe, folder]
         else:
             script = "mergekit.scripts.run_yaml"
             args = [recipe, folder]
@@ -239,6 +249,30 @@ def standin_zoo(tmp_path_factory) -> StandinZoo:
 @pytest.fixture(scope="session")
 def mergekit_oracle(tmp_path_factory, standin_zoo) -> MergekitOracle:
     return MergekitOracle(tmp_path_factory.mktemp("mergekit"), standin_zoo)
+
+
+class RealModels(dict):
+    """Name as written in the real-model recipes -> folder: SmolLM2 and two seeded perturbations of it."""
+
+    def paths(self, names) -> dict[str, Path]:
+        return {n: self[n] for n in names}
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as an HF folder (converted once per machine). setup.sh installs it: a missing
+    package fails here, loudly, rather than skipping what it tests."""
+    return smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def real_models(smollm2) -> RealModels:
+    return RealModels({"smollm2": smollm2, "smollm2-a": perturbed_folder(1), "smollm2-b": perturbed_folder(2)})
+
+
+@pytest.fixture(scope="session")
+def real_oracle(tmp_path_factory, real_models) -> MergekitOracle:
+    return MergekitOracle(tmp_path_factory.mktemp("mergekit-real"), real_models)
 
 
 def tensor_bits(t: torch.Tensor) -> torch.Tensor:

@@ -51,9 +51,8 @@ def smollm2_folder(root: Path | None = None) -> Path:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     tokenizer = transformers.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".smollm2-"))
-    try:
+
+    def write(tmp: Path) -> None:
         # save_pretrained refuses a model loaded from a GGUF: the tensors and the config are written here
         weights = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied
         save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
@@ -65,7 +64,45 @@ def smollm2_folder(root: Path | None = None) -> Path:
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if folder.exists():  # another process converted it meanwhile
+
+    return build_once(folder, write)
+
+
+def perturbed_folder(seed: int, scale: float = 0.02, root: Path | None = None) -> Path:
+    """SmolLM2 plus a small seeded random delta on every tensor (each tensor moves by `scale` times its own
+    standard deviation, elementwise Gaussian): a second or third model for merges that need several, without
+    a fine-tune. Built once per (seed, scale) beside the converted model, deterministically (each tensor's
+    noise has its own generator, so the result depends on neither the order nor the thread count)."""
+    base = smollm2_folder(root)
+    folder = base.parent / f"smollm2-135m-instruct-noise{seed}-{scale:g}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def write(tmp: Path) -> None:
+        tensors = load_file(base / "model.safetensors")
+        noisy = {}
+        for i, name in enumerate(sorted(tensors)):
+            x = tensors[name].float()
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed * 100_003 + i))
+            noisy[name] = (x + noise * (scale * x.std())).to(tensors[name].dtype)
+        save_file(noisy, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in base.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copy2(f, tmp / f.name)
+
+    return build_once(folder, write)
+
+
+def build_once(folder: Path, write) -> Path:
+    """`write(tmp)` fills a temporary folder beside `folder`, which is then renamed into place: a folder
+    that exists is complete, and processes that build it at once leave one of theirs."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        write(tmp)
+        if folder.exists():  # another process built it meanwhile
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, folder)

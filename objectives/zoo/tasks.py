@@ -33,12 +33,15 @@ def task_name(skill: str, split: str) -> str:
     return f"{skill}_{split}"
 
 
-def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], final_folder: Path) -> None:
+def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], final_folder: Path,
+                      answer_end: str = "</s>") -> None:
     """Write `folder/<split>.jsonl` and `folder/<skill>_<split>.yaml` for every split.
 
     The YAML names its data file by absolute path under `final_folder` (where the
     folder will live once the zoo is complete): `datasets` resolves a relative
-    `data_files` against the current directory, not against the YAML.
+    `data_files` against the current directory, not against the YAML. `answer_end`
+    follows every answer in the target: the tokenizer's end of sequence (the zoo's
+    `</s>`; another model's, e.g. SmolLM2's `<|im_end|>`, or nothing).
     """
     folder.mkdir(parents=True, exist_ok=True)
     for split, rows in splits.items():
@@ -52,7 +55,7 @@ def write_task_folder(folder: Path, skill: str, splits: dict[str, list[dict]], f
             "test_split": split,
             "output_type": "loglikelihood",
             "doc_to_text": "{{prompt}}",
-            "doc_to_target": "{{answer}}</s>",
+            "doc_to_target": "{{answer}}" + answer_end,
             "target_delimiter": "",
             "metric_list": METRICS,
             "metadata": {"version": 1.0},

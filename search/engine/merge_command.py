@@ -177,7 +177,7 @@ def build(
     if needs_built_tokenizer(final):
         tokenizer = materializer.tokenizer(recipe_arg)
         if isinstance(final, MoERecipe):
-            tokenizer = _as_mergekit_moe_saves_it(tokenizer)
+            tokenizer = _as_mergekit_moe_saves_it(tokenizer, final.gate_mode)
     else:
         tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
 
@@ -253,13 +253,19 @@ def _tokenizer_folder(folder: Path) -> Path | None:
     return None
 
 
-def _as_mergekit_moe_saves_it(tokenizer):
-    """mergekit-moe pads on the left with BOS (EOS when there is no BOS) before saving the base tokenizer."""
+def _as_mergekit_moe_saves_it(tokenizer, gate_mode: str):
+    """mergekit-moe pads on the left with BOS (EOS when there is no BOS) before saving the base tokenizer.
+    Where its gates come from prompts, it saves the tokenizer it encoded them with (padding=True), and a fast
+    tokenizer keeps that padding on: its tokenizer.json records it. The same call leaves ours the same."""
     import copy
+
+    from search.engine.moe_gates import tokenize_prompts
 
     tokenizer = copy.deepcopy(tokenizer)  # the Materializer keeps its own
     tokenizer.padding_side = "left"
     tokenizer.pad_token_id = tokenizer.bos_token_id
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if gate_mode not in ("random", "uniform_random"):
+        tokenize_prompts(tokenizer, ["a prompt"])
     return tokenizer
