@@ -222,13 +222,15 @@ def children(pid: int) -> list[int]:
 
 
 class MemorySampler(threading.Thread):
-    """Peak RSS / PSS / USS of every process under `root`, every `every` seconds, by role: the driver
-    (`mergesearch run`), the fork server (its child) and the workers (the fork server's children)."""
+    """RSS / PSS / USS of every process under `root`, every `every` seconds, by role: the driver
+    (`mergesearch run`), the fork server (its child) and the workers (the fork server's children). Keeps each
+    process's peaks and the workers' samples (time, USS, RSS), to find a trial's peak from its time window."""
 
     def __init__(self, root: int, every: float = 0.2):
         super().__init__(daemon=True)
         self.root, self.every = root, every
         self.peaks: dict[int, dict] = {}
+        self.samples: dict[int, list[tuple[float, int, int]]] = collections.defaultdict(list)
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -240,6 +242,8 @@ class MemorySampler(threading.Thread):
                                                        **{k: 0 for k in now}})
                     for k, v in now.items():
                         peak[k] = max(peak[k], v)
+                    if role == "worker":
+                        self.samples[pid].append((time.time(), now["uss"], now["rss"]))
             self.done.wait(self.every)
 
     def _tree(self):
@@ -254,8 +258,9 @@ class MemorySampler(threading.Thread):
                 yield child, "other"
 
     def workers(self) -> list[dict]:
-        return sorted((p | {"pid": pid} for pid, p in self.peaks.items() if p["role"] == "worker"),
-                      key=lambda p: p["first_seen"])
+        """Each worker's peaks and samples, in the order they started (w0, w1, then any replacement)."""
+        return sorted((p | {"pid": pid, "samples": self.samples[pid]} for pid, p in self.peaks.items()
+                       if p["role"] == "worker"), key=lambda p: p["first_seen"])
 
 
 PLAN = re.compile(r"worker (w\d+)\S* on node \S+ \((\w+)\): sources ([\w-]+): sources ([\d.]+) GiB \+ candidate "
@@ -291,20 +296,27 @@ def run_search(spec: dict, work: Path) -> dict:
 # ---- the report ---------------------------------------------------------------------------------------------
 
 
-def trial_rows(recs: list[dict]) -> list[dict]:
+def trial_rows(recs: list[dict], workers: list[dict]) -> list[dict]:
+    """Per search trial: build and score seconds, and its worker's peak USS / RSS while it ran (samples
+    between its dispatch and its end; `workers` in start order, so w0 is the first)."""
     rows = []
+    names = {f"w{i}": w for i, w in enumerate(workers)}  # a replacement (w0.1) has no samples here: "-"
     for r in recs:
         if r.get("baseline") or r.get("duplicate_of") is not None or not r.get("timings"):
             continue
         t = r["timings"]
+        window = [(uss, rss) for at, uss, rss in names.get(r.get("worker"), {}).get("samples", [])
+                  if t.get("dispatched", 0) <= at <= t.get("finished", 0)]
         rows.append({"trial": r["trial"], "state": r["state"], "method": r["params"].get("method", "slerp"),
                      "worker": r.get("worker"), "build_s": sum(t.get("materialize_s", [])),
                      "score_s": sum(t.get("score_s", [])), "stages": len(r.get("stages") or []),
-                     "score": r["values"][0] if r.get("values") else None})
+                     "score": r["values"][0] if r.get("values") else None,
+                     "peak_uss": max((u for u, _ in window), default=None),
+                     "peak_rss": max((x for _, x in window), default=None)})
     return rows
 
 
-def judge(spec: dict, work: Path, run_dir: Path) -> dict:
+def judge(spec: dict, work: Path, run_dir: Path, workers: list[dict]) -> dict:
     """The run's winner and baselines on the test splits (built and scored here), with the paired margin."""
     from search_quality import Scorer
 
@@ -325,7 +337,7 @@ def judge(spec: dict, work: Path, run_dir: Path) -> dict:
                               "heldout": (r.get("heldout") or [None])[0], "test": test[n][0]}
                           for n, r in baselines.items()},
             "best_baseline": top, "margin": paired["difference"], "ci95": paired["ci95"],
-            "trials": trial_rows(recs), "verdict": meta.get("verdict")}
+            "trials": trial_rows(recs, workers), "verdict": meta.get("verdict")}
 
 
 def mib(n: int | float) -> str:
@@ -342,12 +354,12 @@ def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
              f"{measured['wall_s']:.0f} s (start-up, baselines, trials, held-out re-scores, report). The run's own "
              f"verdict (held-out): winner {v['winner_score']:.3f} vs {v['best_baseline']} {v['baseline_score']:.3f}, "
              f"{v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}).",
-             "", "| trial | method | state | worker | build s | score s | stages | search acc |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "", "| trial | method | state | worker | build s | score s | stages | search acc | worker peak USS / "
+             "RSS MiB during the trial |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in judged["trials"]:
-        score = "-" if r["score"] is None else f"{r['score']:.3f}"
+        peak = "-" if r["peak_uss"] is None else f"{mib(r['peak_uss'])} / {mib(r['peak_rss'])}"
         lines.append(f"| {r['trial']} | {r['method']} | {r['state']} | {r['worker']} | {r['build_s']:.2f} | "
-                     f"{r['score_s']:.2f} | {r['stages']} | {score} |")
+                     f"{r['score_s']:.2f} | {r['stages']} | {fmt(r['score'])} | {peak} |")
     for method in sorted({r["method"] for r in judged["trials"]}):
         rows = [r for r in judged["trials"] if r["method"] == method]
         build = [r["build_s"] for r in rows]
@@ -407,7 +419,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(2)  # the run is over: this process has the cores to judge it
-        judged = judge(spec, args.work, Path(measured["run_dir"]))
+        judged = judge(spec, args.work, Path(measured["run_dir"]), measured["workers"])
         results[space] = {"spec": spec, "measured": measured, "judged": judged}
         sections.append(report(space, spec, measured, judged))
         print(sections[-1], flush=True)
