@@ -269,3 +269,26 @@ def test_version_and_help_describe_the_tool(capsys):
         sub = capsys.readouterr().out
         description = sub.split("\n\n")[1]  # argparse: usage, blank line, description
         assert not description.lstrip().startswith(("positional arguments", "options")), command
+
+
+def test_the_history_shows_the_trials_and_the_best_baselines_not_squeezed_by_far_ones(tmp_path):
+    """Baselines far from the trials (a base model alone) and weak pruned trials fall off the scale, named in
+    the legend, so the trials and the best baselines fill the view."""
+    from search.results.report import RunView
+    from search.results import report_plots
+
+    trials = [{"trial": t, "state": "COMPLETE", "values": [1.5 - 0.01 * t], "params": {}} for t in range(10)]
+    trials += [{"trial": 10, "state": "PRUNED", "values": [8.0], "params": {}}]
+    baselines = [{"baseline": name, "values": [v]} for name, v in
+                 (("base alone", 12.77), ("ties", 1.59), ("average", 2.99), ("slerp", 2.62), ("cnt alone", 12.5))]
+    view = RunView(run_dir=tmp_path, meta={"name": "r", "objectives": ["loss"], "directions": ["minimize"]},
+                   trials=trials, baselines=baselines, top=[], front=[], winner=None)
+    fig = report_plots.history(view)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo < 1.41 and 2.99 < hi < 4  # every trial and the three best baselines, and no more than a margin
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "baseline: base alone (12.77, off the scale above)" in labels
+    assert "baseline: cnt alone (12.5, off the scale above)" in labels
+    assert "pruned (1), off the scale above" in labels
+    assert "baseline: ties (1.59)" in labels
