@@ -22,7 +22,9 @@ Default (the run's baseline): slerp halfway, t = 0.5 on every tensor.
 
 from __future__ import annotations
 
-from search.engine.errors import short
+from search.engine.errors import UserError, short
+from search.engine.method_params import param_spec
+from search.engine.parameters import resolve
 from search.engine.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
@@ -106,7 +108,7 @@ class SlerpSpace(Space):
         t = (recipe.parameters or {}).get("t")
         curves = self.filters + [REST]
         if not isinstance(t, list) or len(t) != len(curves) or not all(isinstance(c, Conditional) for c in t):
-            raise NotInSpace(f"parameters.t must be a filter list for {self.filters} and the rest")
+            return [self._read_off(recipe)]  # another spelling (`t: 0.5`, one curve for all): params() checks it
         params: dict = {}
         for curve, cond in zip(curves, t):
             if cond.filter != (None if curve == REST else curve):
@@ -117,3 +119,18 @@ class SlerpSpace(Space):
             for j, v in enumerate(values):
                 self.t.put(params, f"t.{curve}.{j}", v)
         return [params]
+
+    def _read_off(self, recipe: MergeRecipe) -> dict:
+        """Each curve's anchors read off the recipe's t where the anchor sits, on a tensor of that curve's filter
+        (the rest: on one no filter names)."""
+        levels = [recipe.slices[0].parameters if recipe.slices else None, recipe.parameters]
+        params: dict = {}
+        for curve in self.filters + [REST]:
+            k = self.anchors[curve]
+            for j in range(k):
+                try:
+                    value = resolve(param_spec("slerp", "t"), levels, "" if curve == REST else curve, j / max(1, k - 1))
+                except UserError as e:
+                    raise NotInSpace(str(e)) from None
+                self.t.put(params, f"t.{curve}.{j}", value)
+        return params
