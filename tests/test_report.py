@@ -198,12 +198,13 @@ def test_report_and_show_refuse_a_folder_that_is_not_a_run_in_one_line(bad, tmp_
 
 
 def show_text(run_dir: Path, width: int = 80) -> str:
+    """What `mergesearch show` prints on a terminal `width` columns wide."""
     from rich.console import Console
 
-    from search.commands.show_command import show
+    from search.results import summary
 
-    console = Console(width=width, record=True, force_terminal=False, color_system=None)
-    show(run_dir, console)
+    console = Console(width=width, record=True, force_terminal=True, color_system=None)
+    summary.render(run_dir, console)
     return console.export_text()
 
 
@@ -241,7 +242,7 @@ def test_the_end_of_run_summary_is_the_same_table_and_lists_the_files(runs):
 
     from search.results import summary
 
-    console = Console(width=80, record=True, force_terminal=False, color_system=None)
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
     summary.render(runs["staged"], console=console)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80

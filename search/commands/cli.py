@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
+import warnings
 
 from search.engine.errors import UserError
 from search.engine.recipe import RecipeError
@@ -90,7 +92,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+def quiet_libraries() -> None:
+    """Libraries' warnings (torch's note on a checkpoint's pickle protocol, transformers' deprecations) are
+    nothing a user of mergesearch can act on, which says what matters in its own lines: off, here and in
+    the processes started from here (workers, mergekit). `python -W ...` or PYTHONWARNINGS shows them again,
+    TRANSFORMERS_VERBOSITY transformers' own."""
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+        os.environ["PYTHONWARNINGS"] = "ignore"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_libraries()
     parser = argparse.ArgumentParser(
         prog="mergesearch", description=ABOUT, epilog=START, formatter_class=argparse.RawDescriptionHelpFormatter
     )

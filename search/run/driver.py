@@ -156,7 +156,7 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     written = export.write_run_outputs(spec.run_dir)
     write_report(spec.run_dir)  # plots and report.html in <run>/report/, before the summary lists them
     if not quiet:
-        summary.render(spec.run_dir, console=progress.console)  # with the baselines and the verdict
+        summary.render(spec.run_dir, console=summary.stdout_console())  # on stdout; the progress went to stderr
     return RunResult(
         run_dir=spec.run_dir,
         study_name=spec.name,
