@@ -144,6 +144,21 @@ def test_plots_that_do_not_apply_are_named_with_a_reason(runs):
     assert "several objectives" in pareto and "only one parameter (m)" in pareto
 
 
+def test_every_searched_parameter_is_drawn_or_named_with_the_reason_it_is_not(runs):
+    from search.results import importance
+    from search.results.report import load_view
+
+    view = load_view(runs["flat"])
+    imp = importance.compute(view.run_dir, view.meta, view.trials)
+    drawn = {p for per in imp.values.values() for p in per}
+    searched = {k for r in view.trials for k in r["params"]}
+    assert drawn | set(imp.left_out) == searched and not drawn & set(imp.left_out)
+    assert {"count", "every"} <= set(imp.left_out)  # asked only by the trials placed at the end / every k
+    page = html.unescape((runs["flat"] / "report" / "report.html").read_text())
+    for p, why in imp.left_out.items():
+        assert f"Not drawn: {p}: {why}" in page
+
+
 def test_the_runs_pruned_failed_and_rescored_trials_and_fanova_read_the_study(runs):
     staged, flat = trials_of(runs["staged"]), trials_of(runs["flat"])
     assert any(r["state"] == "PRUNED" for r in staged) and any(r.get("heldout") for r in staged)

@@ -181,7 +181,8 @@ def render(run_dir: Path, console, top: int = 10) -> None:
     if not s.rows:
         console.print("no trial completed: trials.jsonl says why each failed or was pruned")
     else:
-        scores = Table(title=s.caption, title_justify="left", box=None, pad_edge=False)
+        console.print(Text(s.caption, style="italic"))
+        scores = Table(box=None, pad_edge=False)
         scores.add_column("trial", justify="right")
         for c in s.columns:
             scores.add_column(c, justify="right")
@@ -192,7 +193,8 @@ def render(run_dir: Path, console, top: int = 10) -> None:
             scores.add_row(*cells, *([row.heldout or ""] if s.has_heldout else []))
         console.print(scores)
         console.print()
-        params = Table(title="parameters", title_justify="left", box=None, pad_edge=False, show_header=False)
+        console.print(Text("parameters", style="italic"))
+        params = Table(box=None, pad_edge=False, show_header=False)
         params.add_column(justify="right", no_wrap=True)
         params.add_column()
         for row in s.rows:
@@ -201,7 +203,8 @@ def render(run_dir: Path, console, top: int = 10) -> None:
         console.print(Text(winner_line(s, recs, meta["directions"]), style="bold green"))
     _render_baselines(meta, recs, s.columns, console)
     console.print()
-    files = Table(title=f"in {run_dir}", title_justify="left", box=None, pad_edge=False, show_header=False)
+    console.print(Text(f"in {run_dir}", style="italic"))
+    files = Table(box=None, pad_edge=False, show_header=False)
     files.add_column(no_wrap=True)
     files.add_column(overflow="fold")
     for name, what in run_files(run_dir):
@@ -250,8 +253,8 @@ def _render_baselines(meta: dict, recs: list[dict], columns: list[str], console)
     if not baselines:
         return
     console.print()
-    table = Table(title="baselines (hand-written merges, scored beside the search)", title_justify="left",
-                  box=None, pad_edge=False)
+    console.print(Text("baselines (hand-written merges, scored before the search)", style="italic"))
+    table = Table(box=None, pad_edge=False)
     table.add_column("baseline", overflow="fold")
     for c in columns:
         table.add_column(c, justify="right")
