@@ -160,12 +160,12 @@ def run_files(run_dir: Path) -> list[tuple[str, str]]:
 UNWRAPPED = 1_000_000  # columns of a console that is no terminal: wide enough that nothing wraps
 
 
-def stdout_console():
-    """Where a summary is printed: stdout, fitted to a terminal's width, and unwrapped off a terminal."""
+def stdout_console(file=None):
+    """Where a summary is printed: stdout (or `file`), fitted to a terminal's width, unwrapped off a terminal."""
     from rich.console import Console
 
-    console = Console()
-    return console if console.is_terminal else Console(width=UNWRAPPED)
+    console = Console(file=file)
+    return console if console.is_terminal else Console(file=file, width=UNWRAPPED)
 
 
 def render(run_dir: Path, console, top: int = 10) -> None:
