@@ -216,13 +216,13 @@ def _add_trial(study: optuna.Study, setup, baseline: Baseline, rec: dict, exampl
     fixed = optuna.trial.FixedTrial(baseline.params)
     setup.space.suggest(fixed)  # records each param's distribution, as a real trial would
     intermediate = {s["step"]: s["scores"][setup.objective_names[0]] for s in rec["stages"] if s["step"] is not None}
-    work = {k: rec[k] for k in ("worker", "workers", "node", "sources", "attempts", "timings")}
+    # (a baseline scored by an older mergesearch, resumed, has no worker or timings: when is then now)
+    work = {k: rec.get(k) for k in ("worker", "workers", "node", "sources", "attempts", "timings")}
     record = {"recipe": baseline.point_yaml, "stages": rec["stages"], **work}
-    timings = rec["timings"]
+    timings = rec.get("timings") or {}
     trial = optuna.trial.FrozenTrial(
         number=-1, trial_id=-1, state=optuna.trial.TrialState.COMPLETE, value=None, values=rec["values"],
-        datetime_start=datetime.fromtimestamp(timings["dispatched"]),
-        datetime_complete=datetime.fromtimestamp(timings["finished"]),
+        datetime_start=_when(timings.get("dispatched")), datetime_complete=_when(timings.get("finished")),
         params=baseline.params, distributions=fixed.distributions, intermediate_values=intermediate,
         user_attrs={records.BASELINE_ATTR: baseline.name, records.RECORD_ATTR: record}, system_attrs={},
     )
@@ -235,6 +235,10 @@ def _add_trial(study: optuna.Study, setup, baseline: Baseline, rec: dict, exampl
     if setup.send_examples and examples is not None:
         setup.pruner.record(number, examples)
     return number
+
+
+def _when(timestamp: float | None) -> datetime:
+    return datetime.fromtimestamp(timestamp) if timestamp is not None else datetime.now()
 
 
 def baseline_records(study: optuna.Study) -> list[dict]:
