@@ -71,8 +71,11 @@ class Space:
         return recipe
 
     def depth(self, model: str) -> int:
-        """A model's layers, as a recipe of this space names it."""
-        return self.models[model].num_layers
+        """A model's layers, as a recipe of this space names it (a stage's output too); KeyError if unknown."""
+        info = self.checked_models().get(model)
+        if not isinstance(getattr(info, "num_layers", None), int):
+            raise KeyError(model)
+        return info.num_layers
 
     def params(self, recipe: Recipe | list[Recipe]) -> dict[str, Any]:
         """The point of the space that builds `recipe`: the recipe itself, or one that mergekit reads alike

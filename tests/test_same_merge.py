@@ -40,6 +40,10 @@ DEFAULTS_IN_THE_SPACE = [
         {"name": "blend", "kind": "slerp", "models": ["fst", "nxt"], "anchors": 2},
         {"kind": "weights", "method": "ties", "base": "base", "models": ["blend", "cnt"]}]},
      {"blend: slerp t=0.5, then stage2: ties w=1 d=0.5"}),
+    ({"kind": "compose", "stages": [  # a `models:` default over a stage's output, as one slice per group
+        {"name": "blend", "kind": "slerp", "models": ["fst", "nxt"], "anchors": 2},
+        {"kind": "weights", "method": ["ties", "linear"], "base": "base", "models": ["blend", "cnt"], "groups": 2}]},
+     {"blend: slerp t=0.5, then stage2: ties w=1 d=0.5", "blend: slerp t=0.5, then stage2: linear average"}),
 ]
 
 
