@@ -101,22 +101,15 @@ def quiet_libraries():
     nothing a user of mergesearch can act on, which says what matters in its own lines: off while a command
     runs, here and in the processes it starts (workers, mergekit). `python -W ...` or PYTHONWARNINGS shows
     them again, TRANSFORMERS_VERBOSITY transformers' own."""
+    from search.workers.ray_workers import environment
+
     quiet = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
     if not sys.warnoptions:
         quiet["PYTHONWARNINGS"] = "ignore"
-    before = {k: os.environ.get(k) for k in quiet}
-    os.environ.update(quiet)
-    try:
-        with warnings.catch_warnings():
-            if not sys.warnoptions:
-                warnings.simplefilter("ignore")
-            yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with environment(quiet), warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore")
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
