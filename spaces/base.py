@@ -3,7 +3,9 @@
 A space is define-by-run: `build(trial)` asks the trial for values and returns a
 Recipe. `params(recipe)` goes the other way, so known recipes can seed a study;
 each space proposes the params it believes give the recipe, and they are accepted
-only if replaying them through `suggest` gives back exactly that recipe.
+only if replaying them through `suggest` gives back that recipe, or one that mergekit
+reads alike (search/engine/same_merge.py: `t: 0.5` is the space's curves at 0.5, a
+`models:` recipe is one slice per group of layers, a default is the value written out).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from optuna import TrialPruned
 
 from search.engine.errors import UserError, short
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice, Recipe, as_stages, to_dict
+from search.engine.same_merge import same_merge
 
 from .constraints import Constraints
 from .model_info import ModelInfo
@@ -67,7 +70,17 @@ class Space:
         self.constraints.check(recipe, self.checked_models())
         return recipe
 
+    def depth(self, model: str) -> int:
+        """A model's layers, as a recipe of this space names it (a stage's output too); KeyError if unknown."""
+        info = self.checked_models().get(model)
+        if not isinstance(getattr(info, "num_layers", None), int):
+            raise KeyError(model)
+        return info.num_layers
+
     def params(self, recipe: Recipe | list[Recipe]) -> dict[str, Any]:
+        """The point of the space that builds `recipe`: the recipe itself, or one that mergekit reads alike
+        (`models:` or one slice over all layers, a scalar or a constant curve, a default written out;
+        search/engine/same_merge.py). UserError when no point does."""
         try:
             candidates = self.propose_params(recipe)
         except NotInSpace as e:
@@ -82,8 +95,8 @@ class Space:
                 continue
             except TrialPruned as e:
                 raise UserError(f"{self.where}: the recipe breaks the space's constraints: {e}") from None
-            difference = first_difference(_plain(again), _plain(recipe))
-            if difference is not None:
+            if not same_merge(again, recipe, self.depth):  # the point builds another model
+                difference = first_difference(_plain(again), _plain(recipe)) or ""
                 reason = f"the nearest point of the space differs at {difference.removeprefix('[0].')}"
                 continue
             unused = sorted(set(params) - trial.asked)

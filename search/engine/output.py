@@ -358,8 +358,20 @@ def _numel(shape) -> int:
 
 
 def write_config(folder: Path, config: dict) -> None:
-    # transformers' own layout of config.json: sorted keys, two-space indent.
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(config_json(config))
+
+
+def config_json(config: dict) -> str:
+    """config.json as mergekit writes it: the config read into its transformers class and saved with
+    `save_pretrained`, which keeps only what differs from the class's defaults (no `_name_or_path`, which
+    names a folder of the machine it was saved on, nor id2label, return_dict, ... left at their defaults)."""
+    import transformers
+
+    model_type = config.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:  # a family transformers does not know: less the folder
+        kept = {k: v for k, v in config.items() if k != "_name_or_path"}
+        return json.dumps(kept, indent=2, sort_keys=True) + "\n"
+    return transformers.CONFIG_MAPPING[model_type].from_dict(config).to_json_string(use_diff=True)
 
 
 def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:

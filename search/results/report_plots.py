@@ -136,6 +136,9 @@ def history(view) -> plt.Figure:
 # ---- parameter importances ---------------------------------------------------------------
 
 
+MAX_BARS = 25  # parameters drawn in the importance plot; the others are named under it
+
+
 def importances(view) -> plt.Figure:
     """How much each parameter explains the score (fANOVA, or rank correlation without the study)."""
     if not any(r["params"] for r in view.trials):
@@ -144,10 +147,13 @@ def importances(view) -> plt.Figure:
         imp = importance_.compute(view.run_dir, view.meta, view.trials)
     except ValueError as e:
         raise NotApplicable(str(e)) from None
-    view.notes["importance"] = imp.method
-    params = list(dict.fromkeys(p for per in imp.values.values() for p in per))[:25]
+    ranked = list(dict.fromkeys(p for per in imp.values.values() for p in per))
+    params = ranked[:MAX_BARS]
+    left = {**imp.left_out, **{p: f"below the {MAX_BARS} most important" for p in ranked[MAX_BARS:]}}
+    view.notes["importance"] = imp.method + "".join(f". Not drawn: {p}: {why}" for p, why in left.items())
     if len(params) < 2:
-        raise NotApplicable(f"only one parameter ({', '.join(params) or 'none'}) varies: it explains everything")
+        why = "".join(f"; {p}: {reason}" for p, reason in left.items())
+        raise NotApplicable(f"only one parameter ({', '.join(params) or 'none'}) varies: it explains everything{why}")
     params.sort(key=lambda p: max(per.get(p, 0.0) for per in imp.values.values()))
     names = list(imp.values)
     fig, ax = plt.subplots(figsize=(9, max(3.2, 1.2 + 0.32 * len(params) * max(1, len(names) * 0.7))))

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from search.engine.method_params import PARAMS
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
+from search.engine.methods.task_arithmetic import generalized_merge, rescaled_masked
 from search.engine.methods.ties import sign_consensus
 
 
@@ -35,14 +36,14 @@ def merge_ties(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context
 
 DARE_TIES = Method(
     name="dare_ties",
-    params=family_params(default_normalize=False, default_rescale=True),
+    params=PARAMS["dare_ties"],
     merge=merge_ties,
     base="required",
     randomized=True,
 )
 DARE_LINEAR = Method(
     name="dare_linear",
-    params=family_params(default_normalize=False, default_rescale=True),
+    params=PARAMS["dare_linear"],
     merge=merge_linear,
     base="required",
     randomized=True,

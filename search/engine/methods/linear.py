@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size, pieces
-from search.engine.parameters import ParamSpec
+from search.engine.method_params import PARAMS
 
 
 def selected_input(inputs: Inputs, weights: list[float], normalize: bool, ctx: Context) -> int | None:
@@ -66,6 +66,6 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
 
 METHOD = Method(
     name="linear",
-    params=(ParamSpec("weight", float, "input"), ParamSpec("normalize", bool, "shared", True)),
+    params=PARAMS["linear"],
     merge=merge,
 )

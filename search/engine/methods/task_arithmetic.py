@@ -17,23 +17,12 @@ from typing import Callable
 import torch
 
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.parameters import ParamSpec
+from search.engine.method_params import PARAMS
 
 # sparsify(delta, density, rescale, ctx, cache_key) -> delta
 Sparsifier = Callable[[torch.Tensor, float, bool, Context, object], torch.Tensor]
 # consensus(weighted_deltas, mask_dtype) -> bool mask of the elements that agree
 Consensus = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
-
-
-def family_params(default_normalize: bool, default_rescale: bool) -> tuple[ParamSpec, ...]:
-    return (
-        ParamSpec("int8_mask", bool, "shared", False),
-        ParamSpec("normalize", bool, "shared", default_normalize),
-        ParamSpec("rescale", bool, "shared", default_rescale),
-        ParamSpec("lambda", float, "shared", 1.0),
-        ParamSpec("weight", float, "non_base"),
-        ParamSpec("density", float, "non_base", 1.0),
-    )
 
 
 def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7,
@@ -114,7 +103,7 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
 
 METHOD = Method(
     name="task_arithmetic",
-    params=family_params(default_normalize=False, default_rescale=False),
+    params=PARAMS["task_arithmetic"],
     merge=merge,
     base="required",
 )

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from search.engine.method_params import PARAMS
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
+from search.engine.methods.task_arithmetic import generalized_merge, rescaled_masked
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool, ctx: Context, key) -> torch.Tensor:
@@ -43,7 +44,7 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
 
 METHOD = Method(
     name="ties",
-    params=family_params(default_normalize=True, default_rescale=False),
+    params=PARAMS["ties"],
     merge=merge,
     base="required",
 )
