@@ -31,6 +31,8 @@ from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_me
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
 from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
+from search.engine.stage_tokenizers import StageTokenizers
+from search.engine.tokenizer_config import stage_setting
 from search.engine.sources import (
     CONVERT_PIECE,
     SourceModel,
@@ -102,7 +104,7 @@ class Materializer:
         self.cache = StatCache(cache_bytes)
         self._sources: dict[str, SourceModel] = {}
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
+        self._tokenizers = StageTokenizers(self.path, lambda name: self.info(name).config.get("vocab_size"))
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
@@ -175,6 +177,7 @@ class Materializer:
         check_stage_names(stages)
         plans: list[StagePlan | MoERecipe] = []
         earlier: dict[str, ModelInfo] = {}
+        named: dict[str, Recipe] = {}
         for k, stage in enumerate(stages):
             where = "recipe" if len(stages) == 1 else f"recipe (document {k + 1})"
             if isinstance(stage, MoERecipe):
@@ -182,51 +185,20 @@ class Materializer:
                     raise UserError(f"{where}: a mergekit-moe stage must be the last stage; move it to the end")
                 plans.append(stage)
                 continue
-            plan = plan_stage(stage, lambda n: earlier[n] if n in earlier else self.info(n), where)
-            self._check_vocabulary(stage, plan, earlier, where)
+            info = lambda n: earlier[n] if n in earlier else self.info(n)  # noqa: E731
+            vocabulary = self._tokenizers.vocabulary(stage, named, lambda n: earlier[n].config.get("vocab_size"), where)
+            plan = plan_stage(stage, info, where, vocabulary_size=vocabulary.size if vocabulary else None)
+            if vocabulary is not None:
+                plan.vocabulary = vocabulary
+                for job in plan.jobs:  # what mergekit would fail on while merging, found now
+                    if job.vocabulary_axis is not None:
+                        rows = [info(m).tensors[n].shape[job.vocabulary_axis] for m, n in zip(job.models, job.tensors)]
+                        self._tokenizers.row_plan(plan, job, rows, where)
             if stage.name:
                 earlier[stage.name] = plan.output
+                named[stage.name] = stage
             plans.append(plan)
         return plans
-
-    def _check_vocabulary(self, stage: MergeRecipe, plan: StagePlan, earlier: dict, where: str) -> None:
-        """With `tokenizer_source`/`tokenizer`, mergekit rebuilds the vocabulary and re-indexes the
-        embeddings. Where every model has one vocabulary that fills its embedding rows, that
-        re-indexing is the identity and the merge is the plain one; other cases are refused."""
-        if not stage.tokenizer_source and not stage.tokenizer:
-            return
-        field = "tokenizer_source" if stage.tokenizer_source else "tokenizer"
-        settings = stage.tokenizer or {}
-        if settings.get("tokens"):
-            raise UserError(f"{where}: tokenizer.tokens is not supported in memory; remove it (or build this merge with mergekit)")
-        rows = {j.shape[0] for j in plan.jobs if j.name.endswith("embed_tokens.weight")}
-        vocabs = {}
-        for name in stage.referenced_models():
-            if name in earlier:
-                continue
-            vocabs[name] = self._vocabulary(name)
-        first = next(iter(vocabs.values()), None)
-        for name, v in vocabs.items():
-            if v != first:
-                raise UserError(
-                    f"{where}.{field}: {name}'s vocabulary differs from the other models'; "
-                    "mergesearch merges only models that share one tokenizer - remove the odd model or the tokenizer setting"
-                )
-        pad = settings.get("pad_to_multiple_of")
-        size = len(first or {})
-        if pad and size % pad:
-            size += pad - size % pad
-        if first is not None and rows and rows != {size}:
-            raise UserError(
-                f"{where}.{field}: the embeddings have {rows.pop()} rows but the tokenizer has {size} tokens, "
-                "so mergekit would resize them; remove the tokenizer setting to keep the rows as they are"
-            )
-
-    def _vocabulary(self, name: str) -> dict:
-        path = str(self.path(name))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path].get_vocab()
 
     # ---- building ----------------------------------------------------------------
 
@@ -268,20 +240,12 @@ class Materializer:
         return resident.model
 
     def tokenizer(self, recipe: Recipe | list[Recipe]) -> transformers.PreTrainedTokenizerBase:
-        """The tokenizer mergekit would save with the merge: tokenizer_source's, else the base model's."""
+        """The tokenizer mergekit would save with the merge: the one a tokenizer setting builds, else the base
+        model's. The same object for every candidate of one setting: do not modify it."""
         stages = as_stages(recipe)
-        names = {s.name: s for s in stages if s.name}
-        stage = stages[-1]
-        while True:
-            donor = _tokenizer_donor(stage)
-            if donor in names and names[donor] is not stage:
-                stage = names[donor]
-                continue
-            break
-        path = str(self.path(donor))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path]
+        if any(stage_setting(s) for s in stages):
+            self.plan(stages)  # builds their vocabularies, or finds them built
+        return self._tokenizers.output_tokenizer(stages)
 
     # ---- internals ---------------------------------------------------------------
 
@@ -389,6 +353,9 @@ class Materializer:
                 tensors.append(convert_into(buffer.view(stored.shape), stored, piece))
                 transient.append(tensors[-1])
             keys.append((m, n, work) if resident else None)
+        if plan.vocabulary is not None and job.vocabulary_axis is not None:
+            tensors, keys = self._tokenizers.reindexed(plan, job, tensors, keys)
+            transient = [t for t in transient if any(t is x for x in tensors)]
         return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index), transient
 
     def _resident_model(self, config: dict, names: list[str], dtype: torch.dtype) -> "_ResidentModel | None":
@@ -482,22 +449,6 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(tensors.values())).dtype)
     return model.to(device).eval().requires_grad_(False)
-
-
-def _auto_tokenizer(path: str) -> "transformers.PreTrainedTokenizerBase":
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _tokenizer_donor(stage: Recipe) -> str:
-    if isinstance(stage, MergeRecipe):
-        if stage.tokenizer_source and stage.tokenizer_source not in ("base", "union"):
-            return stage.tokenizer_source
-        if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
-            return stage.tokenizer["source"]
-    return stage.base_model or stage.referenced_models()[0]
-
 
 
 def _source_sizes(mat: Materializer, names: list[str]) -> list[int]:

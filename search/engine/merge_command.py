@@ -27,6 +27,7 @@ from pathlib import Path
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
 from search.engine.recipe import MoERecipe, Recipe
+from search.engine.tokenizer_config import stage_setting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,20 +82,23 @@ def parse_model_map(items: list[str]) -> dict[str, str]:
 
 
 def source_model_names(stages: list[Recipe]) -> list[str]:
-    """Every model the stages read that no earlier stage builds, in order of first mention."""
+    """Every model the stages read that no earlier stage builds, in order of first mention (a model
+    named only as tokenizer source last)."""
     built = {s.name for s in stages if s.name}
     names = [n for s in stages for n in s.referenced_models() if n not in built]
-    return list(dict.fromkeys(names))
+    sources = [setting.source for s in stages if (setting := stage_setting(s)) and setting.source not in ("base", "union")]
+    return list(dict.fromkeys(names + [n for n in sources if n not in built]))
 
 
-def tokenizer_donor(stages: list[Recipe]) -> str:
-    """The model whose tokenizer files mergekit copies: the base model, else the first model.
-
-    For a multi-stage file, follow an intermediate back to the model it took its tokenizer from.
-    """
+def copied_tokenizer(stages: list[Recipe]) -> str | None:
+    """The model whose tokenizer files mergekit copies verbatim: the base model, else the first model,
+    followed back through intermediate stages. None where mergekit saves a tokenizer it built or read
+    instead: a stage on the way sets a tokenizer, or the output is a mixture of experts."""
     by_name = {s.name: s for s in stages if s.name}
     stage = stages[-1]
     for _ in range(len(stages)):
+        if needs_built_tokenizer(stage):
+            return None
         donor = stage.base_model or stage.referenced_models()[0]
         if donor not in by_name:
             return donor
@@ -174,12 +178,13 @@ def build(
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
     final = stages[-1]
-    if needs_built_tokenizer(final):
+    donor = copied_tokenizer(stages)
+    if donor is None:
         tokenizer = materializer.tokenizer(recipe_arg)
         if isinstance(final, MoERecipe):
             tokenizer = _as_mergekit_moe_saves_it(tokenizer)
     else:
-        tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
+        tokenizer = _tokenizer_folder(models[donor])
 
     from search.engine.model_card import model_card
 
