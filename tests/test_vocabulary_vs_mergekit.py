@@ -1,7 +1,8 @@
 """Merges of models whose vocabularies differ (`tokenizer_source`, `tokenizer:`), against mergekit-yaml 0.1.5.
 
 Stand-ins (tests/vocab_standins.py) differ from their base by chat markers added to a fine-tune, by the order
-of the same tokens, by regular tokens the base lacks and by spare embedding rows; with untied and tied heads,
+of the same tokens, by regular tokens the base lacks, by spare embedding rows and by a BPE
+tokenizer with a token beyond its embeddings; with untied and tied heads,
 and a Phi whose head has a bias indexed by token. For each recipe:
 - Materializer.state_dict gives mergekit's tensors to the byte and its config's vocab_size;
 - `mergesearch merge` (merge_command.build) writes mergekit's tensors, config.json and tokenizer files;
@@ -117,6 +118,25 @@ tokenizer:
   source: union
   pad_to_multiple_of: 8
 """,
+    "bpe-base-stripped-slerp": """
+models:
+  - model: vocab/bpe
+  - model: vocab/chat
+merge_method: slerp
+base_model: vocab/bpe
+parameters: {t: 0.4}
+tokenizer_source: base
+""",
+    "bpe-base-stripped-union-linear": """
+models:
+  - model: vocab/bpe
+    parameters: {weight: 0.3}
+  - model: vocab/chat
+    parameters: {weight: 0.7}
+merge_method: linear
+base_model: vocab/bpe
+tokenizer_source: union
+""",
     "tied-union-slerp": """
 models:
   - model: vocab/tied-base
@@ -208,6 +228,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "vocab/chat2": make_vocab_variant(root / "chat2", base, 312, added=CHAT_MARKERS),
         "vocab/shuffled": make_vocab_variant(root / "shuffled", base, 313, shuffle=True),
         "vocab/extra": make_vocab_variant(root / "extra", base, 314, extra_chars=["€"], spare_rows=3),
+        # a BPE tokenizer with a token beyond the embeddings, which mergekit strips from a base's
+        "vocab/bpe": make_vocab_variant(root / "bpe", base, 315, bpe=True, unused=["<extra>"]),
         "vocab/tied-base": make_tied(root / "tied-base", base),
         "vocab/tied-chat": make_tied(root / "tied-chat", chat),
         "vocab/phi": phi,
@@ -322,3 +344,59 @@ def test_bad_tokenizer_settings_are_one_line_before_any_tensor(text, pattern, fo
         mat.state_dict(loads(text))
     assert "\n" not in str(err.value)
     assert not mat._sources, "a source was loaded before the recipe was found wrong"
+
+
+SCORES = '''
+import torch
+
+
+def next_after_marker(model, tokenizer, fidelity):
+    """The logit of <|im_end|> (by the tokenizer's numbering) after the text, read with the tokenizer."""
+    ids = tokenizer("<|im_start|>hi", return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        logits = model(ids).logits[0, -1]
+    return {"logit": float(logits[tokenizer.convert_tokens_to_ids("<|im_end|>")]), "tokens": ids.shape[1]}
+'''
+
+
+def test_a_worker_scores_each_candidate_with_its_recipes_tokenizer(folders, oracle, tmp_path):
+    """The search path: one worker, candidates of different tokenizer settings, each scored as the merge
+    mergekit writes for its recipe scores (its model, its saved tokenizer)."""
+    import transformers
+
+    from search.workers.worker import Worker
+
+    (tmp_path / "scores.py").write_text(SCORES)
+    objective = {"kind": "custom", "function": "scores.py:next_after_marker", "key": "logit"}
+    worker = Worker("w0", {k: str(v) for k, v in folders.items()}, [objective], str(tmp_path))
+    # base-slerp keeps the base's vocabulary: the markers are read as characters
+    for trial, (case, tokens) in enumerate([("union-linear", 4), ("base-slerp", 15), ("tokens-and-padding-task-arithmetic", 4)]):
+        result = worker.begin(trial, RECIPES[case], [(0, None)])
+        assert result["ok"], result.get("error")
+        folder = oracle.folder(RECIPES[case])
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+        expected = worker.objectives[0].function(model, transformers.AutoTokenizer.from_pretrained(folder), None)
+        assert result["scores"][0] == pytest.approx(expected["logit"], abs=1e-5), case
+        assert worker.objectives[0].last_details["tokens"] == expected["tokens"] == tokens, case
+
+
+def test_a_run_spec_may_merge_models_whose_vocabularies_differ_when_its_space_sets_a_tokenizer(folders, tmp_path):
+    """Checked on the driver before any worker starts: vocabularies that differ need a tokenizer setting."""
+    import yaml
+
+    from search.run.run_setup import prepare_run
+    from search.spec.runspec import load_spec
+
+    (tmp_path / "scores.py").write_text(SCORES)
+    space = {"kind": "slerp", "models": ["base", "chat"], "anchors": 2, "tokenizer_source": "union"}
+    data = {"models": {"base": str(folders["vocab/base"]), "chat": str(folders["vocab/chat"])}, "space": space,
+            "objectives": [{"kind": "custom", "function": "scores.py:next_after_marker", "key": "logit"}],
+            "trials": 2, "baselines": False}
+    path = tmp_path / "chatty.yaml"
+    path.write_text(yaml.safe_dump(data))
+    setup = prepare_run(load_spec(path), resume=False)
+    assert setup.space.used_models == ["base", "chat"]
+    del space["tokenizer_source"]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(UserError, match=r"^models\.chat: .* has shape \[98, 64\] .*; the vocabularies differ: set `tokenizer_source: union`"):
+        prepare_run(load_spec(path), resume=False)

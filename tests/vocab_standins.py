@@ -27,10 +27,12 @@ CHAT_MARKERS = ["<|im_start|>", "<|im_end|>"]
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight", "lm_head.bias")  # indexed by token
 
 
-def char_tokenizer(chars: list[str]) -> transformers.PreTrainedTokenizerFast:
-    """The stand-ins' character-level tokenizer (BOS added) over `chars`, in that order after the specials."""
+def char_tokenizer(chars: list[str], bpe: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """The stand-ins' character-level tokenizer (BOS added) over `chars`, in that order after the specials;
+    bpe: the same vocabulary as a BPE model without merges (the kind mergekit strips)."""
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    model = models.BPE(vocab=vocab, merges=[], unk_token="<unk>") if bpe else models.WordLevel(vocab=vocab, unk_token="<unk>")
+    tok = Tokenizer(model)
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return transformers.PreTrainedTokenizerFast(
@@ -47,10 +49,13 @@ def make_vocab_variant(
     extra_chars: list[str] = (),
     shuffle: bool = False,
     spare_rows: int = 0,
+    unused: list[str] = (),
+    bpe: bool = False,
     scale: float = 0.01,
 ) -> Path:
     """A seeded fine-tune of `base` with another vocabulary (see the module docstring); rows of
-    tokens the base lacks are drawn from the seed."""
+    tokens the base lacks are drawn from the seed. unused: tokens added to the tokenizer after all
+    others without an embedding row (beyond vocab_size)."""
     path, base = Path(path), Path(base)
     if path.exists():
         shutil.rmtree(path)
@@ -65,7 +70,7 @@ def make_vocab_variant(
         perm = torch.randperm(len(chars), generator=gen).tolist()
         chars = [chars[i] for i in perm]
         order = list(range(len(SPECIALS))) + [len(SPECIALS) + i for i in perm]
-    tokenizer = char_tokenizer(chars + list(extra_chars))
+    tokenizer = char_tokenizer(chars + list(extra_chars), bpe)
     if added:
         tokenizer.add_special_tokens({"additional_special_tokens": list(added)})
     new_rows = len(extra_chars) + len(added) + spare_rows
@@ -78,6 +83,8 @@ def make_vocab_variant(
     config = json.loads((base / "config.json").read_text())
     config["vocab_size"] = len(order) + new_rows
     (path / "config.json").write_text(json.dumps(config, indent=2))
+    if unused:
+        tokenizer.add_tokens(list(unused))
     tokenizer.save_pretrained(path)
     return path
 

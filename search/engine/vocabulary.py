@@ -124,7 +124,13 @@ def strip_unused_tokens(model: ModelVocabulary, where: str):
     data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < model.vocab_size]
     data["model"]["vocab"] = {t: i for t, i in data["model"]["vocab"].items() if t not in unused}
     data["model"]["merges"] = [m for m in data["model"]["merges"] if not set(_merge_parts(m)) & unused]
-    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    try:
+        tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    except Exception as e:  # a merge that makes a stripped token: mergekit fails there too
+        raise UserError(
+            f"{where}: {model.name}'s tokenizer has tokens beyond its vocab_size {model.vocab_size} that cannot be "
+            f"stripped ({str(e).splitlines()[0]}); use a base model whose tokens fit its embeddings"
+        ) from None
     return tokenizer
 
 
