@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from search.engine.errors import UserError
+from search.engine.lora import Adapter, check_fits, split_adapter
+from search.engine.lora_merge import load_adapter, with_adapter
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
@@ -47,6 +49,18 @@ from search.engine.streaming import SourceStream, StreamedJobs
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers
+
+
+def resolve_adapter_path(name: str, adapter: str, model_map: dict[str, str]) -> Path:
+    """The local folder of the adapter of `name` (`model+adapter`): mapped, or a folder of that name."""
+    if adapter in model_map:
+        return Path(model_map[adapter]).expanduser()
+    if Path(adapter).expanduser().is_dir():
+        return Path(adapter).expanduser()
+    raise UserError(
+        f"model {name}: adapter {adapter} is neither mapped nor a local folder; "
+        f"pass --model-map {adapter}=/path/to/adapter or use a local path"
+    )
 
 
 def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
@@ -79,6 +93,7 @@ class Materializer:
         models: dict[str, str | Path],
         device: str = "cpu",
         *,
+        adapters: dict[str, str | Path] | None = None,
         allow_pickle: bool = False,
         cache_bytes: int = 2 << 30,
         resident_models: int = 2,
@@ -88,7 +103,9 @@ class Materializer:
         stage_sources: bool = False,
     ):
         """models: name as written in recipes -> local HF folder (names that are local
-        folders themselves need no entry). cache_bytes bounds the per-pair statistics
+        folders themselves need no entry); a name `model+adapter` reads both parts so, as mergekit
+        does. adapters: name -> a LoRA adapter folder merged into that model (a run spec's `lora:`).
+        cache_bytes bounds the per-pair statistics
         kept across candidates; resident_models bounds the preallocated live models
         (one per output shape). keep_converted: keep each source tensor converted to a
         recipe's `dtype:` for the next candidate (a copy of the sources in that dtype);
@@ -99,6 +116,8 @@ class Materializer:
         into staging buffers on the device job by job (always done when streaming to a
         GPU; True does it on the CPU too: a GPU's streamed path, run without a GPU)."""
         self.model_map = {k: str(v) for k, v in models.items()}
+        self.adapters = {k: str(v) for k, v in (adapters or {}).items()}
+        self._adapters: dict[str, tuple[Adapter, dict[str, torch.Tensor]]] = {}
         self.device = device
         self.allow_pickle = allow_pickle
         self.cache = StatCache(cache_bytes)
@@ -118,13 +137,36 @@ class Materializer:
     # ---- sources -----------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        return resolve_model_path(name, self.model_map)
+        """The folder of a model's config and weights (the base model's, for `model+adapter`)."""
+        return resolve_model_path(split_adapter(name)[0], self.model_map)
+
+    def adapter_path(self, name: str) -> Path | None:
+        """The LoRA adapter folder merged into model `name`, or None."""
+        if name in self.adapters:
+            return Path(self.adapters[name]).expanduser()
+        _, adapter = split_adapter(name)
+        return None if adapter is None else resolve_adapter_path(name, adapter, self.model_map)
+
+    def adapter(self, name: str) -> tuple[Adapter, dict[str, torch.Tensor]] | None:
+        """Model `name`'s adapter and its weights, read once; None for a model without one."""
+        folder = self.adapter_path(name)
+        if folder is None:
+            return None
+        if name not in self._adapters:
+            self._adapters[name] = load_adapter(split_adapter(name)[1] or name, folder, self.allow_pickle)
+        return self._adapters[name]
 
     def source(self, name: str) -> SourceModel:
-        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed)."""
+        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed);
+        its adapter, if it has one, merged in once."""
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
-            self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            adapter = self.adapter(name)
+            if adapter is None:
+                self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            else:
+                base = load_source(name, self.path(name), "cpu", self.allow_pickle)  # merged on the CPU, as mergekit does
+                self._sources[name] = with_adapter(base, *adapter, where)
         return self._sources[name]
 
     def memory_plan(self, plans: list | None = None) -> MemoryPlan:
@@ -166,7 +208,13 @@ class Materializer:
             else:
                 path = self.path(name)
                 config = read_config(name, path)
-                self._infos[name] = ModelInfo(name, config, read_tensor_infos(name, path, self.allow_pickle))
+                tensors = read_tensor_infos(name, path, self.allow_pickle)
+                adapter = self.adapter(name)
+                if adapter is not None:  # it changes tensors, never their shapes or dtypes
+                    lora, weights = adapter
+                    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+                    check_fits(lora, shapes, {k: t.shape for k, t in tensors.items()}, split_adapter(name)[0])
+                self._infos[name] = ModelInfo(name, config, tensors)
         return self._infos[name]
 
     # ---- planning ----------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
+from search.engine.lora import split_adapter
 from search.engine.recipe import MoERecipe, Recipe
 from search.engine.tokenizer_config import stage_setting
 
@@ -93,7 +94,8 @@ def source_model_names(stages: list[Recipe]) -> list[str]:
 def copied_tokenizer(stages: list[Recipe]) -> str | None:
     """The model whose tokenizer files mergekit copies verbatim: the base model, else the first model,
     followed back through intermediate stages. None where mergekit saves a tokenizer it built or read
-    instead: a stage on the way sets a tokenizer, or the output is a mixture of experts."""
+    instead: a stage on the way sets a tokenizer, the output is a mixture of experts, or the donor has a
+    LoRA adapter (mergekit reads its model's tokenizer and saves it)."""
     by_name = {s.name: s for s in stages if s.name}
     stage = stages[-1]
     for _ in range(len(stages)):
@@ -101,7 +103,7 @@ def copied_tokenizer(stages: list[Recipe]) -> str | None:
             return None
         donor = stage.base_model or stage.referenced_models()[0]
         if donor not in by_name:
-            return donor
+            return None if split_adapter(donor)[1] else donor  # with an adapter, mergekit re-saves the base's
         stage = by_name[donor]
     raise UserError("name: the stages refer to each other in a cycle; each stage may use only earlier ones")
 
@@ -166,9 +168,14 @@ def build(
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
-    from search.engine.materialize import Materializer, resolve_model_path
+    from search.engine.materialize import Materializer, resolve_adapter_path, resolve_model_path
 
-    models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
+    models = {}  # every model and adapter folder, by the name the recipe gives it (`model+adapter`: each part)
+    for name in source_model_names(stages):
+        model, adapter = split_adapter(name)
+        models[model] = _resolve(model, model_map, resolve_model_path)
+        if adapter:
+            models[adapter] = _resolve(adapter, model_map, lambda a, m: resolve_adapter_path(name, a, m), "adapter")
     device = _check_device(device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
@@ -214,12 +221,12 @@ def build(
     progress(f"done: {count} tensors, {size / 1e9:.2f} GB")
 
 
-def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
+def _resolve(name: str, model_map: dict[str, str], resolve_model_path, what: str = "model") -> Path:
     # A name written as a path (as mergekit tells them apart: leading / or ~, or more than
     # one slash) is a folder that is missing, not a hub id to map.
     looks_like_path = name.startswith(("/", "~", "./", "../")) or name.count("/") > 1
     if name not in model_map and looks_like_path and not Path(name).expanduser().is_dir():
-        raise UserError(f"model {name}: no such folder; check the path in the recipe")
+        raise UserError(f"{what} {name}: no such folder; check the path in the recipe")
     return resolve_model_path(name, model_map)
 
 
