@@ -24,6 +24,7 @@ from vocab_standins import make_tied
 from search.engine import merge_command
 from search.engine.errors import UserError
 from search.engine.materialize import Materializer
+from search.engine import recipe as recipes
 from search.engine.recipe import loads
 
 QV = {f"model.layers.{i}.self_attn.{p}": 4 for i in range(2) for p in ("q_proj", "v_proj")}
@@ -218,3 +219,81 @@ def test_bad_adapters_are_one_line_before_any_tensor(folders, tmp_path):
             mat.state_dict(loads(text))
         assert "\n" not in str(err.value), case
         assert not mat._sources, f"{case}: a source was loaded before the recipe was found wrong"
+
+
+def test_a_run_spec_model_with_a_lora_is_searched_exported_and_rebuilt_by_mergekit(folders, tmp_path):
+    """`models: {chat: {path: ..., lora: ...}}`: the workers merge the adapter once and score candidates with
+    it; the winner is exported as `org/base+org/qv` (mergekit's syntax; with --local-paths, this machine's
+    `folder+adapter folder`, as the recipes above that mergekit builds) and rebuilt by `mergesearch merge`
+    through the model map into the weights the worker scored."""
+    import yaml
+
+    from search.commands.cli import main as cli_main
+    from search.engine.merge_command import parse_model_map
+    from search.results import winner
+    from search.run.driver import run
+    from search.spec.runspec import load_spec
+    from search.study import records
+    from search_fns import state_fingerprint
+
+    (tmp_path / "fns.py").write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+                                     "from search_fns import fingerprint\n")
+    spec = {
+        "models": {"math": str(folders["math"]),
+                   "chat": {"path": str(folders["base"]), "lora": str(folders["qv"]), "name": "org/base+org/qv"}},
+        "space": {"kind": "slerp", "models": ["chat", "math"], "anchors": 2},
+        "objectives": [{"kind": "custom", "function": "fns.py:fingerprint"}],
+        "trials": 3, "baselines": False, "heldout_top_k": 0, "seed": 0,
+    }
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(spec))
+    loaded = load_spec(tmp_path / "lora.yaml")
+    assert loaded.adapters == {"chat": str(folders["qv"])} and loaded.model_names["chat"] == "org/base+org/qv"
+    result = run(loaded, quiet=True)
+    assert result.counts["complete"] == 3
+    recs = records.read_trials(loaded.run_dir / "trials.jsonl")
+    best = winner.rank(recs, ["maximize"])[0]
+
+    local = tmp_path / "best.local.yaml"
+    assert cli_main(["export", str(loaded.run_dir), "--local-paths", str(local)]) == 0
+    assert f"model: {folders['base']}+{folders['qv']}" in local.read_text()
+
+    public = (loaded.run_dir / "best.yaml").read_text()
+    assert "model: org/base+org/qv" in public
+    rebuild = next(line for line in public.splitlines() if line.startswith("# rebuild here: mergesearch merge"))
+    mapping = parse_model_map([arg for arg in rebuild.split() if "=" in arg])
+    assert mapping == {"org/base": str(folders["base"]), "org/qv": str(folders["qv"]), "math": str(folders["math"])}
+    merge_command.build(loads(public), public, tmp_path / "rebuilt", mapping)
+    assert state_fingerprint(read_tensors(tmp_path / "rebuilt")) == pytest.approx(best["values"][0], rel=1e-12)
+    _, local_build = Materializer({}).state_dict(recipes.load(local))
+    assert_same_tensors(read_tensors(tmp_path / "rebuilt"), local_build, "the public and the local recipe")
+
+
+def test_a_run_specs_bad_adapter_is_one_line_on_the_driver(folders, tmp_path):
+    import yaml
+
+    from search.run.run_setup import prepare_run
+    from search.spec.runspec import load_spec
+
+    wide = make_standin(tmp_path / "wide", "llama", 2, seed=404, hidden=128)
+    other = write_lora(tmp_path / "other", wide, 422, linear=QV, config={"r": 4})
+    pickled = write_lora(tmp_path / "pickled", folders["base"], 411, linear=QV, config={"r": 4}, pickle=True)
+    (tmp_path / "fns.py").write_text("def score(model, tokenizer, fidelity):\n    return 0.0\n")
+
+    def spec(lora, **more):
+        data = {"models": {"math": str(folders["math"]), "chat": {"path": str(folders["base"]), "lora": str(lora)}},
+                "space": {"kind": "slerp", "models": ["chat", "math"], "anchors": 2},
+                "objectives": [{"kind": "custom", "function": "fns.py:score"}], "trials": 1, **more}
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump(data))
+        return tmp_path / "bad.yaml"
+
+    cases = [
+        (tmp_path / "nope", r"^.*bad\.yaml: models\.chat\.lora: no adapter folder at .*nope"),
+        (folders["math"], r"^.*bad\.yaml: models\.chat\.lora: .*math' has no adapter_config\.json; point it at a PEFT adapter folder"),
+        (other, r"^models\.chat\.lora: .*lora_A\.weight is \[4, 128\] but .* of model chat is \[64, 64\]; it is an adapter for a model of another shape"),
+        (pickled, r"^models\.chat\.lora: .*adapter_model\.bin is a pickle checkpoint.*add `allow_pickle: true` to the run spec"),
+    ]
+    for lora, pattern in cases:
+        with pytest.raises(UserError, match=pattern) as err:
+            prepare_run(load_spec(spec(lora)), resume=False)
+        assert "\n" not in str(err.value)
+    prepare_run(load_spec(spec(pickled, allow_pickle=True)), resume=False)  # allowed: the workers read it
