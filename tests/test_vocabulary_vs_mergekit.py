@@ -185,25 +185,11 @@ base_model: chatty
 parameters: {t: 0.3}
 tokenizer_source: base
 """,
-    "multi-stage-union-then-plain": """
-name: chatty
-models:
-  - model: vocab/base
-    parameters: {weight: 0.5}
-  - model: vocab/chat
-    parameters: {weight: 0.5}
-merge_method: linear
-base_model: vocab/base
-tokenizer_source: union
----
-models:
-  - model: chatty
-  - model: vocab/chat2
-merge_method: slerp
-base_model: chatty
-parameters: {t: 0.3}
-""",
 }
+
+
+# the same two stages, the second without a tokenizer setting: it keeps the first's built tokenizer
+RECIPES["multi-stage-union-then-plain"] = RECIPES["multi-stage-union-then-slerp"].replace("\ntokenizer_source: base\n", "\n")
 
 
 class _Folders:

@@ -123,7 +123,7 @@ class Materializer:
         self.cache = StatCache(cache_bytes)
         self._sources: dict[str, SourceModel] = {}
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers = StageTokenizers(self.path, lambda name: self.info(name).config.get("vocab_size"))
+        self._tokenizers = StageTokenizers(self.path, lambda name: self.info(name).config.get("vocab_size"), cache_bytes)
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate

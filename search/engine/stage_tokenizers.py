@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable
 
+from search.engine.methods import StatCache
 from search.engine.recipe import MergeRecipe, Recipe
 from search.engine.tokenizer_config import TokenizerSetting, stage_setting
 from search.engine.vocabulary import ModelVocabulary, Vocabulary, build_vocabulary
@@ -34,13 +35,15 @@ class StageTokenizers:
     """Tokenizers and vocabularies for a Materializer. folder(name): the folder of a source model (its
     base model's, for a model with an adapter); vocab_size(name): its config's vocab_size."""
 
-    def __init__(self, folder: Callable[[str], Path], vocab_size: Callable[[str], int | None]):
+    def __init__(self, folder: Callable[[str], Path], vocab_size: Callable[[str], int | None], cache_bytes: int = 2 << 30):
         self.folder = folder
         self.vocab_size = vocab_size
         self._shared: dict[str, "transformers.PreTrainedTokenizerBase | None"] = {}  # folder -> tokenizer
         self._vocabularies: dict[Hashable, Vocabulary] = {}
         self._row_plans: dict[Hashable, RowPlan] = {}
-        self._reindexed: dict[Hashable, list["torch.Tensor"]] = {}
+        # re-indexed embeddings per source set, least recently used dropped past cache_bytes (a search may
+        # pick many sets of models)
+        self._reindexed = StatCache(cache_bytes)
 
     # ---- where a stage's tokenizer comes from ------------------------------------
 
@@ -136,10 +139,7 @@ class StageTokenizers:
         keys = [None if k is None else (*k, "vocabulary", id(plan.vocabulary)) for k in keys]
         if any(k is None for k in keys):
             return apply_rows(row_plan, tensors, axis), keys
-        cache_key = (id(row_plan), tuple(keys))
-        if cache_key not in self._reindexed:
-            self._reindexed[cache_key] = apply_rows(row_plan, tensors, axis)
-        return self._reindexed[cache_key], keys
+        return self._reindexed.get((id(row_plan), tuple(keys)), lambda: apply_rows(row_plan, tensors, axis)), keys
 
 
 def load_tokenizer(folder: str | Path) -> "transformers.PreTrainedTokenizerBase | None":
