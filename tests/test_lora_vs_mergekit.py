@@ -10,8 +10,6 @@ merge, or on the base. Each recipe's tensors must equal mergekit's to the byte, 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest

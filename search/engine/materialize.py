@@ -32,9 +32,7 @@ from search.engine.lora_merge import load_adapter, with_adapter
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
-from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
-from search.engine.stage_tokenizers import StageTokenizers
-from search.engine.tokenizer_config import stage_setting
+from search.engine.recipe import MoERecipe, Recipe, as_stages, check_stage_names
 from search.engine.sources import (
     CONVERT_PIECE,
     SourceModel,
@@ -45,7 +43,9 @@ from search.engine.sources import (
     read_tensor_infos,
     source_bytes,
 )
+from search.engine.stage_tokenizers import StageTokenizers
 from search.engine.streaming import SourceStream, StreamedJobs
+from search.engine.tokenizer_config import stage_setting
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers

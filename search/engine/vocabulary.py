@@ -69,6 +69,8 @@ def build_vocabulary(
         out = union_tokenizer(base, others)
     else:
         out = load_source(setting.source)
+        if out is None:
+            raise UserError(f"{where}.{setting.field}: {setting.source} has no tokenizer files; name a model that has one")
     existing = set(out.get_vocab())
     for token, _ in setting.tokens:
         if token not in existing:
