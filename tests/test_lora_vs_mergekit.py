@@ -4,7 +4,7 @@ PEFT into a cache folder, `--lora-merge-cache`, before merging).
 Adapters are PEFT folders written directly (tests/lora_standins.py): LoRAs on q/v projections, ranks and alphas
 per module (rank_pattern, alpha_pattern, rslora), in float32 and bfloat16, an embedding LoRA with the base layer
 PEFT saves beside it, a fully trained head (modules_to_save), a tied model's embeddings; on one model of a
-merge, or on the base. Each recipe's tensors must equal mergekit's to the byte, in memory and through
+merge, or on the base, and beside a model with more tokens. Each recipe's tensors must equal mergekit's to the byte, in memory and through
 `mergesearch merge` (with the tokenizer mergekit writes, which it re-saves when its donor has an adapter).
 """
 
@@ -17,7 +17,7 @@ import torch
 from conftest import MergekitOracle, assert_same_tensors, read_tensors
 from lora_standins import write_lora
 from standins import make_finetune, make_standin
-from vocab_standins import make_tied
+from vocab_standins import CHAT_MARKERS, make_tied, make_vocab_variant
 
 from search.engine import merge_command
 from search.engine.errors import UserError
@@ -73,6 +73,15 @@ merge_method: slerp
 base_model: {tied}
 parameters: {{t: 0.5}}
 """,
+    "adapter-and-vocabulary-union-slerp": """
+models:
+  - model: {base}+{qv}
+  - model: {chat}
+merge_method: slerp
+base_model: {base}+{qv}
+parameters: {{t: 0.5}}
+tokenizer_source: union
+""",
     "float16-passthrough": """
 slices:
   - sources:
@@ -110,6 +119,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
         "math": math,
         "tied": tied,
         "half": half,
+        "chat": make_vocab_variant(root / "chat", base, 405, added=CHAT_MARKERS),
         "qv": write_lora(root / "qv", base, 411, linear=QV, config={"r": 4, "lora_alpha": 8}),
         "patterns": write_lora(
             root / "patterns", base, 412, dtype=torch.bfloat16,
@@ -147,7 +157,7 @@ def test_state_dict_equals_mergekit(case, folders, oracle, one_torch_thread):
     assert_same_tensors(ours, theirs, case)
 
 
-@pytest.mark.parametrize("case", ["qv-slerp", "embedding-and-head-task-arithmetic"])
+@pytest.mark.parametrize("case", ["qv-slerp", "embedding-and-head-task-arithmetic", "adapter-and-vocabulary-union-slerp"])
 def test_merge_command_writes_mergekit_folder(case, folders, oracle, tmp_path):
     text = render(case, folders)
     out = tmp_path / "out"
