@@ -17,10 +17,12 @@ vocabulary.py): the recipes here avoid those cases, where its output is determin
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from conftest import MergekitOracle, assert_same_tensors, read_tensors
 from standins import make_standin
 from vocab_standins import CHAT_MARKERS, make_tied, make_vocab_variant
@@ -319,13 +321,28 @@ BAD = [
         RECIPES["tokens-and-padding-task-arithmetic"].replace("source: {kind: zero}", "force: true"),
         r"^recipe\.tokenizer\.tokens\.<\|im_end\|>: some models lack this token, so it needs a `source:`",
     ),
+    (
+        "fewer-rows-than-tokens",
+        RECIPES["union-linear"].replace("vocab/chat", "vocab/short"),
+        r"^recipe\.tokenizer_source: vocab/short numbers token '<\|im_end\|>' 97 but its tensor has 97 rows",
+    ),
     ("unknown-key", RECIPES["extra-tokens-spare-rows-ties"].replace("pad_to_multiple_of: 8", "pad_to: 8"), r"^recipe: tokenizer\.pad_to: unknown key"),
 ]
 
 
+@pytest.fixture(scope="module")
+def with_short(folders, tmp_path_factory) -> dict[str, Path]:
+    """vocab/chat with one embedding row fewer than its config's vocab_size and its tokenizer say."""
+    short = tmp_path_factory.mktemp("short") / "short"
+    shutil.copytree(folders["vocab/chat"], short)
+    tensors = {k: (v[:97] if v.shape[0] == 98 else v) for k, v in load_file(short / "model.safetensors").items()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(short / "model.safetensors"))
+    return {**folders, "vocab/short": short}
+
+
 @pytest.mark.parametrize("text,pattern", [(t, p) for _, t, p in BAD], ids=[b[0] for b in BAD])
-def test_bad_tokenizer_settings_are_one_line_before_any_tensor(text, pattern, folders):
-    mat = Materializer(folders)
+def test_bad_tokenizer_settings_are_one_line_before_any_tensor(text, pattern, with_short):
+    mat = Materializer(with_short)
     with pytest.raises(UserError, match=pattern) as err:
         mat.state_dict(loads(text))
     assert "\n" not in str(err.value)

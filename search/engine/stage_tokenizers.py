@@ -124,7 +124,7 @@ class StageTokenizers:
         if key not in self._row_plans:
             self._row_plans[key] = plan_rows(
                 vocab.tokens, vocab.size, [vocab.rows[m] for m in job.models], job.models, job.base_model,
-                dict(vocab.setting.tokens), vocab.own, input_rows, f"{where}.tokenizer",
+                dict(vocab.setting.tokens), vocab.own, input_rows, f"{where}.{vocab.setting.field}",
             )
         return self._row_plans[key]
 

@@ -99,6 +99,10 @@ def plan_rows(
     own, uses = [], []
     for k in range(len(inputs)):
         r = torch.tensor(rows[k], dtype=torch.long)
+        if len(r) and int(r.max()) >= input_rows[k]:
+            token = by_id[int(r.argmax())]
+            raise UserError(f"{where}: {inputs[k]} numbers token {token!r} {int(r.max())} but its tensor has "
+                            f"{input_rows[k]} rows; fix that model's config vocab_size or tokenizer")
         keep = (r >= 0) & ~forced
         own.append(torch.where(keep, r, -1))
         uses.append(default_of[~keep])
