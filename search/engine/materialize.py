@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from search.engine.errors import UserError
+from search.engine.lora import Adapter, check_fits, split_adapter
+from search.engine.lora_merge import load_adapter, with_adapter
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
-from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
+from search.engine.recipe import MoERecipe, Recipe, as_stages, check_stage_names
 from search.engine.sources import (
     CONVERT_PIECE,
     SourceModel,
@@ -41,10 +43,24 @@ from search.engine.sources import (
     read_tensor_infos,
     source_bytes,
 )
+from search.engine.stage_tokenizers import StageTokenizers
 from search.engine.streaming import SourceStream, StreamedJobs
+from search.engine.tokenizer_config import stage_setting
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers
+
+
+def resolve_adapter_path(name: str, adapter: str, model_map: dict[str, str]) -> Path:
+    """The local folder of the adapter of `name` (`model+adapter`): mapped, or a folder of that name."""
+    if adapter in model_map:
+        return Path(model_map[adapter]).expanduser()
+    if Path(adapter).expanduser().is_dir():
+        return Path(adapter).expanduser()
+    raise UserError(
+        f"model {name}: adapter {adapter} is neither mapped nor a local folder; "
+        f"pass --model-map {adapter}=/path/to/adapter or use a local path"
+    )
 
 
 def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
@@ -77,6 +93,7 @@ class Materializer:
         models: dict[str, str | Path],
         device: str = "cpu",
         *,
+        adapters: dict[str, str | Path] | None = None,
         allow_pickle: bool = False,
         cache_bytes: int = 2 << 30,
         resident_models: int = 2,
@@ -86,7 +103,9 @@ class Materializer:
         stage_sources: bool = False,
     ):
         """models: name as written in recipes -> local HF folder (names that are local
-        folders themselves need no entry). cache_bytes bounds the per-pair statistics
+        folders themselves need no entry); a name `model+adapter` reads both parts so, as mergekit
+        does. adapters: name -> a LoRA adapter folder merged into that model (a run spec's `lora:`).
+        cache_bytes bounds the per-pair statistics
         kept across candidates; resident_models bounds the preallocated live models
         (one per output shape). keep_converted: keep each source tensor converted to a
         recipe's `dtype:` for the next candidate (a copy of the sources in that dtype);
@@ -97,12 +116,14 @@ class Materializer:
         into staging buffers on the device job by job (always done when streaming to a
         GPU; True does it on the CPU too: a GPU's streamed path, run without a GPU)."""
         self.model_map = {k: str(v) for k, v in models.items()}
+        self.adapters = {k: str(v) for k, v in (adapters or {}).items()}
+        self._adapters: dict[str, tuple[Adapter, dict[str, torch.Tensor]]] = {}
         self.device = device
         self.allow_pickle = allow_pickle
         self.cache = StatCache(cache_bytes)
         self._sources: dict[str, SourceModel] = {}
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
+        self._tokenizers = StageTokenizers(self.path, lambda name: self.info(name).config.get("vocab_size"), cache_bytes)
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
@@ -116,13 +137,36 @@ class Materializer:
     # ---- sources -----------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        return resolve_model_path(name, self.model_map)
+        """The folder of a model's config and weights (the base model's, for `model+adapter`)."""
+        return resolve_model_path(split_adapter(name)[0], self.model_map)
+
+    def adapter_path(self, name: str) -> Path | None:
+        """The LoRA adapter folder merged into model `name`, or None."""
+        if name in self.adapters:
+            return Path(self.adapters[name]).expanduser()
+        _, adapter = split_adapter(name)
+        return None if adapter is None else resolve_adapter_path(name, adapter, self.model_map)
+
+    def adapter(self, name: str) -> tuple[Adapter, dict[str, torch.Tensor]] | None:
+        """Model `name`'s adapter and its weights, read once; None for a model without one."""
+        folder = self.adapter_path(name)
+        if folder is None:
+            return None
+        if name not in self._adapters:
+            self._adapters[name] = load_adapter(split_adapter(name)[1] or name, folder, self.allow_pickle)
+        return self._adapters[name]
 
     def source(self, name: str) -> SourceModel:
-        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed)."""
+        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed);
+        its adapter, if it has one, merged in once."""
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
-            self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            adapter = self.adapter(name)
+            if adapter is None:
+                self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            else:
+                base = load_source(name, self.path(name), "cpu", self.allow_pickle)  # merged on the CPU, as mergekit does
+                self._sources[name] = with_adapter(base, *adapter, where)
         return self._sources[name]
 
     def memory_plan(self, plans: list | None = None) -> MemoryPlan:
@@ -164,7 +208,13 @@ class Materializer:
             else:
                 path = self.path(name)
                 config = read_config(name, path)
-                self._infos[name] = ModelInfo(name, config, read_tensor_infos(name, path, self.allow_pickle))
+                tensors = read_tensor_infos(name, path, self.allow_pickle)
+                adapter = self.adapter(name)
+                if adapter is not None:  # it changes tensors, never their shapes or dtypes
+                    lora, weights = adapter
+                    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+                    check_fits(lora, shapes, {k: t.shape for k, t in tensors.items()}, split_adapter(name)[0])
+                self._infos[name] = ModelInfo(name, config, tensors)
         return self._infos[name]
 
     # ---- planning ----------------------------------------------------------------
@@ -175,6 +225,7 @@ class Materializer:
         check_stage_names(stages)
         plans: list[StagePlan | MoERecipe] = []
         earlier: dict[str, ModelInfo] = {}
+        named: dict[str, Recipe] = {}
         for k, stage in enumerate(stages):
             where = "recipe" if len(stages) == 1 else f"recipe (document {k + 1})"
             if isinstance(stage, MoERecipe):
@@ -182,51 +233,20 @@ class Materializer:
                     raise UserError(f"{where}: a mergekit-moe stage must be the last stage; move it to the end")
                 plans.append(stage)
                 continue
-            plan = plan_stage(stage, lambda n: earlier[n] if n in earlier else self.info(n), where)
-            self._check_vocabulary(stage, plan, earlier, where)
+            info = lambda n: earlier[n] if n in earlier else self.info(n)  # noqa: E731
+            vocabulary = self._tokenizers.vocabulary(stage, named, lambda n: earlier[n].config.get("vocab_size"), where)
+            plan = plan_stage(stage, info, where, vocabulary_size=vocabulary.size if vocabulary else None)
+            if vocabulary is not None:
+                plan.vocabulary = vocabulary
+                for job in plan.jobs:  # what mergekit would fail on while merging, found now
+                    if job.vocabulary_axis is not None:
+                        rows = [info(m).tensors[n].shape[job.vocabulary_axis] for m, n in zip(job.models, job.tensors)]
+                        self._tokenizers.row_plan(plan, job, rows, where)
             if stage.name:
                 earlier[stage.name] = plan.output
+                named[stage.name] = stage
             plans.append(plan)
         return plans
-
-    def _check_vocabulary(self, stage: MergeRecipe, plan: StagePlan, earlier: dict, where: str) -> None:
-        """With `tokenizer_source`/`tokenizer`, mergekit rebuilds the vocabulary and re-indexes the
-        embeddings. Where every model has one vocabulary that fills its embedding rows, that
-        re-indexing is the identity and the merge is the plain one; other cases are refused."""
-        if not stage.tokenizer_source and not stage.tokenizer:
-            return
-        field = "tokenizer_source" if stage.tokenizer_source else "tokenizer"
-        settings = stage.tokenizer or {}
-        if settings.get("tokens"):
-            raise UserError(f"{where}: tokenizer.tokens is not supported in memory; remove it (or build this merge with mergekit)")
-        rows = {j.shape[0] for j in plan.jobs if j.name.endswith("embed_tokens.weight")}
-        vocabs = {}
-        for name in stage.referenced_models():
-            if name in earlier:
-                continue
-            vocabs[name] = self._vocabulary(name)
-        first = next(iter(vocabs.values()), None)
-        for name, v in vocabs.items():
-            if v != first:
-                raise UserError(
-                    f"{where}.{field}: {name}'s vocabulary differs from the other models'; "
-                    "mergesearch merges only models that share one tokenizer - remove the odd model or the tokenizer setting"
-                )
-        pad = settings.get("pad_to_multiple_of")
-        size = len(first or {})
-        if pad and size % pad:
-            size += pad - size % pad
-        if first is not None and rows and rows != {size}:
-            raise UserError(
-                f"{where}.{field}: the embeddings have {rows.pop()} rows but the tokenizer has {size} tokens, "
-                "so mergekit would resize them; remove the tokenizer setting to keep the rows as they are"
-            )
-
-    def _vocabulary(self, name: str) -> dict:
-        path = str(self.path(name))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path].get_vocab()
 
     # ---- building ----------------------------------------------------------------
 
@@ -268,20 +288,12 @@ class Materializer:
         return resident.model
 
     def tokenizer(self, recipe: Recipe | list[Recipe]) -> transformers.PreTrainedTokenizerBase:
-        """The tokenizer mergekit would save with the merge: tokenizer_source's, else the base model's."""
+        """The tokenizer mergekit would save with the merge: the one a tokenizer setting builds, else the base
+        model's. The same object for every candidate of one setting: do not modify it."""
         stages = as_stages(recipe)
-        names = {s.name: s for s in stages if s.name}
-        stage = stages[-1]
-        while True:
-            donor = _tokenizer_donor(stage)
-            if donor in names and names[donor] is not stage:
-                stage = names[donor]
-                continue
-            break
-        path = str(self.path(donor))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path]
+        if any(stage_setting(s) for s in stages):
+            self.plan(stages)  # builds their vocabularies, or finds them built
+        return self._tokenizers.output_tokenizer(stages)
 
     # ---- internals ---------------------------------------------------------------
 
@@ -389,6 +401,9 @@ class Materializer:
                 tensors.append(convert_into(buffer.view(stored.shape), stored, piece))
                 transient.append(tensors[-1])
             keys.append((m, n, work) if resident else None)
+        if plan.vocabulary is not None and job.vocabulary_axis is not None:
+            tensors, keys = self._tokenizers.reindexed(plan, job, tensors, keys)
+            transient = [t for t in transient if any(t is x for x in tensors)]
         return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index), transient
 
     def _resident_model(self, config: dict, names: list[str], dtype: torch.dtype) -> "_ResidentModel | None":
@@ -482,22 +497,6 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(tensors.values())).dtype)
     return model.to(device).eval().requires_grad_(False)
-
-
-def _auto_tokenizer(path: str) -> "transformers.PreTrainedTokenizerBase":
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _tokenizer_donor(stage: Recipe) -> str:
-    if isinstance(stage, MergeRecipe):
-        if stage.tokenizer_source and stage.tokenizer_source not in ("base", "union"):
-            return stage.tokenizer_source
-        if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
-            return stage.tokenizer["source"]
-    return stage.base_model or stage.referenced_models()[0]
-
 
 
 def _source_sizes(mat: Materializer, names: list[str]) -> list[int]:

@@ -26,7 +26,9 @@ from pathlib import Path
 
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
+from search.engine.lora import split_adapter
 from search.engine.recipe import MoERecipe, Recipe
+from search.engine.tokenizer_config import stage_setting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,23 +83,27 @@ def parse_model_map(items: list[str]) -> dict[str, str]:
 
 
 def source_model_names(stages: list[Recipe]) -> list[str]:
-    """Every model the stages read that no earlier stage builds, in order of first mention."""
+    """Every model the stages read that no earlier stage builds, in order of first mention (a model
+    named only as tokenizer source last)."""
     built = {s.name for s in stages if s.name}
     names = [n for s in stages for n in s.referenced_models() if n not in built]
-    return list(dict.fromkeys(names))
+    sources = [setting.source for s in stages if (setting := stage_setting(s)) and setting.source not in ("base", "union")]
+    return list(dict.fromkeys(names + [n for n in sources if n not in built]))
 
 
-def tokenizer_donor(stages: list[Recipe]) -> str:
-    """The model whose tokenizer files mergekit copies: the base model, else the first model.
-
-    For a multi-stage file, follow an intermediate back to the model it took its tokenizer from.
-    """
+def copied_tokenizer(stages: list[Recipe]) -> str | None:
+    """The model whose tokenizer files mergekit copies verbatim: the base model, else the first model,
+    followed back through intermediate stages. None where mergekit saves a tokenizer it built or read
+    instead: a stage on the way sets a tokenizer, the output is a mixture of experts, or the donor has a
+    LoRA adapter (mergekit reads its model's tokenizer and saves it)."""
     by_name = {s.name: s for s in stages if s.name}
     stage = stages[-1]
     for _ in range(len(stages)):
+        if needs_built_tokenizer(stage):
+            return None
         donor = stage.base_model or stage.referenced_models()[0]
         if donor not in by_name:
-            return donor
+            return None if split_adapter(donor)[1] else donor  # with an adapter, mergekit re-saves the base's
         stage = by_name[donor]
     raise UserError("name: the stages refer to each other in a cycle; each stage may use only earlier ones")
 
@@ -162,9 +168,14 @@ def build(
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
-    from search.engine.materialize import Materializer, resolve_model_path
+    from search.engine.materialize import Materializer, resolve_adapter_path, resolve_model_path
 
-    models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
+    models = {}  # every model and adapter folder, by the name the recipe gives it (`model+adapter`: each part)
+    for name in source_model_names(stages):
+        model, adapter = split_adapter(name)
+        models[model] = _resolve(model, model_map, resolve_model_path)
+        if adapter:
+            models[adapter] = _resolve(adapter, model_map, lambda a, m: resolve_adapter_path(name, a, m), "adapter")
     device = _check_device(device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
@@ -174,12 +185,13 @@ def build(
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
     final = stages[-1]
-    if needs_built_tokenizer(final):
+    donor = copied_tokenizer(stages)
+    if donor is None:
         tokenizer = materializer.tokenizer(recipe_arg)
         if isinstance(final, MoERecipe):
             tokenizer = _as_mergekit_moe_saves_it(tokenizer)
     else:
-        tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
+        tokenizer = _tokenizer_folder(models[donor])
 
     from search.engine.model_card import model_card
 
@@ -209,12 +221,12 @@ def build(
     progress(f"done: {count} tensors, {size / 1e9:.2f} GB")
 
 
-def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
+def _resolve(name: str, model_map: dict[str, str], resolve_model_path, what: str = "model") -> Path:
     # A name written as a path (as mergekit tells them apart: leading / or ~, or more than
     # one slash) is a folder that is missing, not a hub id to map.
     looks_like_path = name.startswith(("/", "~", "./", "../")) or name.count("/") > 1
     if name not in model_map and looks_like_path and not Path(name).expanduser().is_dir():
-        raise UserError(f"model {name}: no such folder; check the path in the recipe")
+        raise UserError(f"{what} {name}: no such folder; check the path in the recipe")
     return resolve_model_path(name, model_map)
 
 

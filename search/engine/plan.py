@@ -67,6 +67,8 @@ class Job:
     shape: tuple[int, ...]
     label: str  # mergekit runs its tensors in order of this name (it matters to random methods)
     take_only_input: bool = False  # an optional tensor present in one model only: copied from it
+    vocabulary_axis: int | None = None  # the axis indexed by token ids (embeddings, the head)
+    base_model: str | None = None  # the slice's base model (a vocabulary's rows may default to its)
 
 
 @dataclass
@@ -78,6 +80,7 @@ class StagePlan:
     dtype: torch.dtype | None  # inputs are converted to this before merging
     out_dtype: torch.dtype | None  # outputs are converted to this
     output: ModelInfo  # the merge as later stages see it
+    vocabulary: Any = None  # the output vocabulary of a stage with a tokenizer setting (vocabulary.py)
 
     def execution_order(self) -> list[Job]:
         """The order tensors are merged in: mergekit's, where random draws make order matter."""
@@ -173,8 +176,13 @@ def _check_slice(i: int, s: OutputSlice, base: str | None, method: Method, info:
             )
 
 
-def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str = "recipe") -> StagePlan:
-    """Validate one mergekit-yaml recipe against its models and plan every output tensor."""
+def plan_stage(
+    recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str = "recipe", vocabulary_size: int | None = None
+) -> StagePlan:
+    """Validate one mergekit-yaml recipe against its models and plan every output tensor.
+
+    vocabulary_size: the output vocabulary's rows, for a recipe with a tokenizer setting: the models'
+    vocabulary tensors may then differ along their vocabulary axis, and the output has this many rows."""
     method = get_method(recipe.merge_method)
     check_parameters(recipe, method)
     dtype = parse_dtype(recipe.dtype, "dtype")
@@ -190,7 +198,7 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     planned: list[Job | None] = []
 
     def plan(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
-        planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t))
+        planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t, vocabulary_size))
 
     first_slice, last_slice = slices[0], slices[-1]
     for w in arch.pre:
@@ -214,6 +222,8 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
     config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
+    if vocabulary_size is not None:
+        config["vocab_size"] = vocabulary_size
     out_tensors = {}
     for j in jobs:
         in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
@@ -244,6 +254,7 @@ def _plan_tensor(
     models: list[str],
     s: OutputSlice,
     t: float,
+    vocabulary_size: int | None = None,
 ) -> Job | None:
     """One output tensor: which source tensors it reads and the method's parameters at position t.
     None for an optional tensor absent everywhere (a tied head), which mergekit does not write."""
@@ -270,9 +281,15 @@ def _plan_tensor(
         read_models.append(m)
         read_names.append(present[0])
     shapes = {infos[m].tensors[n].shape for m, n in zip(read_models, read_names)}
+    axis = out.vocabulary_axis
+    if vocabulary_size is not None and axis is not None:  # rows are re-indexed onto the output vocabulary
+        shapes = {(*shape[:axis], vocabulary_size, *shape[axis + 1 :]) for shape in shapes}
     if len(shapes) > 1:
         detail = ", ".join(f"{m}: {list(infos[m].tensors[n].shape)}" for m, n in zip(read_models, read_names))
-        raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; merge models of the same size")
+        fix = "merge models of the same size"
+        if axis is not None and len({shape[:axis] + shape[axis + 1 :] for shape in shapes}) == 1:
+            fix = "the vocabularies differ: add `tokenizer_source: union` (or base, or a model) to the recipe"
+        raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; {fix}")
     base_index = read_models.index(base) if (method.base != "ignored" and base in read_models) else None
     single = out.optional and len(read_models) == 1 and len(models) > 1 and method.passthrough_singleton
     if method.base == "required" and base_index is None and not single:
@@ -287,6 +304,8 @@ def _plan_tensor(
         shape=shapes.pop(),
         label=max(read_names),
         take_only_input=single,
+        vocabulary_axis=axis,
+        base_model=base,
     )
 
 

@@ -46,7 +46,7 @@ def materialize(record: dict, meta: dict, recs: list[dict], out: Path, *, with_m
     recipe_file = next(name for name in texts if name != "README.md")
     seed = meta.get("seed")
     if with_mergekit:
-        local = export.renamed(stages, meta.get("model_paths") or {})
+        local = export.renamed(stages, export.local_names(meta))
         with output.atomic_folder(out, overwrite) as tmp:
             _run_mergekit(local, tmp, seed, progress)
             for name, content in texts.items():  # mergekit wrote the recipe with this machine's folders
@@ -82,6 +82,7 @@ def _run_mergekit(stages: list[recipes.Recipe], out: Path, seed: int | None, pro
             command = [str(exe), str(recipe_path), str(out)]
         if seed is not None:
             command += ["--random-seed", str(seed)]
+        command += ["--lora-merge-cache", str(Path(work) / "lora")]  # where it merges a model's LoRA adapter first
         progress(f"building with {name}")
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

@@ -80,6 +80,7 @@ class Worker:
         allow_pickle: bool = False,
         threads: int | None = None,
         send_examples: bool = False,
+        adapters: dict[str, str] | None = None,
     ):
         # what the start costs, step by step (info()["startup_s"]; bench/bench_first_trial.py prints it)
         self.startup_s: dict[str, float] = {"began": time.time()}
@@ -96,7 +97,8 @@ class Worker:
         self.worker_id = worker_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.seed = seed
-        self.materializer = Materializer(models, self.device, allow_pickle=allow_pickle)
+        # a model's LoRA adapter (alias -> folder) is merged in once, when the model first loads
+        self.materializer = Materializer(models, self.device, adapters=adapters, allow_pickle=allow_pickle)
         self.trial: int | None = None
         self.model = None
         self.tokenizer = None

@@ -136,7 +136,7 @@ class WorkerPool:
     def worker_args(self, slot: Slot) -> tuple:
         spec = self.spec
         return (slot.name, spec.models, spec.objectives, str(spec.base_dir), spec.seed, spec.allow_pickle,
-                self.threads, self.send_examples)
+                self.threads, self.send_examples, spec.adapters)
 
     def _spawn(self, slot: Slot) -> None:
         slot.handle = self.workers.spawn(self.worker_class, self.worker_args(slot))
