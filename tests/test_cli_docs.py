@@ -115,8 +115,9 @@ def test_the_readme_gives_the_suite_s_test_count(request):
 
 def written_commands() -> list[tuple[str, str]]:
     """(page, command line) for every `mergesearch CMD ...` the README and docs/ give to copy: code-block lines
-    (continuations joined, comments cut), and inline spans with arguments that are whole commands (no `[`,
-    `|` or `...`); a bare `mergesearch run` in prose names the command, it is not one to run."""
+    (continuations joined, comments and the shell's redirections and pipes cut), and inline spans with
+    arguments that are whole commands (no `[` or `...`); a bare `mergesearch run` in prose names the
+    command, it is not one to run."""
     found = []
     for name, text in [("README.md", README), *DOCS.items()]:
         blocks = re.split(r"^```.*$", text, flags=re.M)
@@ -125,8 +126,9 @@ def written_commands() -> list[tuple[str, str]]:
                  if len(span.split()) > 2]
         for piece in lines + spans:
             line = re.sub(r"\s+#.*$", "", piece.strip())
+            line = re.split(r"\s(?:\d?>|<|\||&&|;)\s", line)[0]  # the shell's part: redirections, pipes
             call = INVOCATION.match(line)
-            if call and call.group(1) in COMMANDS and not re.search(r"\[|\||\.\.\.|…", line):
+            if call and call.group(1) in COMMANDS and not re.search(r"\[|\.\.\.|…", line):
                 found.append((name, line))
     return found
 
