@@ -22,8 +22,9 @@ from typing import Any, Callable
 
 import torch
 
-from search.engine.architectures import Architecture, WeightSpec, architecture_of, output_config
+from search.engine.architectures import Architecture, WeightSpec, output_config
 from search.engine.errors import UserError
+from search.engine.mergekit_definitions import architecture_of
 from search.engine.methods import Method, get_method
 from search.engine.parameters import anchor_values, layer_position, resolve
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
@@ -192,20 +193,22 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     def plan(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
         planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t))
 
+    # Names with ${num_layers} are the output's (mergekit fills a definition in with the output config).
+    out_depth = sum(s.num_layers for s in slices)
     first_slice, last_slice = slices[0], slices[-1]
-    for w in arch.pre:
+    for w in arch.pre_weights(out_depth):
         plan(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
     out_layer = 0
     for s in slices:
         depth = s.num_layers
         for offset in range(depth):
             t = layer_position(offset, depth)
-            outs = arch.layer_weights(out_layer)
-            ins = [arch.layer_weights(src.layer_range[0] + offset) for src in s.sources]
+            outs = arch.layer_weights(out_layer, out_depth)
+            ins = [arch.layer_weights(src.layer_range[0] + offset, infos[src.model].num_layers) for src in s.sources]
             for k, w in enumerate(outs):
                 plan(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
             out_layer += 1
-    for w in arch.post:
+    for w in arch.post_weights(out_depth):
         # mergekit pairs the last slice's models with as many inputs as the first slice has.
         models = [src.model for src in last_slice.sources][: len(first_slice.sources)]
         plan(w, [w] * len(models), models, last_slice, 0.0)
@@ -213,7 +216,7 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
 
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
-    config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
+    config = output_config(donor.config, arch, num_layers, recipe.out_dtype or recipe.dtype)
     out_tensors = {}
     for j in jobs:
         in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
@@ -246,15 +249,16 @@ def _plan_tensor(
     t: float,
 ) -> Job | None:
     """One output tensor: which source tensors it reads and the method's parameters at position t.
-    None for an optional tensor absent everywhere (a tied head), which mergekit does not write."""
+    None for an optional tensor absent everywhere (a tied head), which mergekit does not write;
+    as mergekit, a tied name does not count as present there, but is read where the name is absent."""
     base = s.base_model or recipe.base_model
-    if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
+    if out.optional and not any(n in infos[m].tensors for m, w in zip(models, ins) for n in (w.name, *w.aliases)):
         return None
     shared_levels = (s.parameters, recipe.parameters)
     shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
     read_models, read_names, per_input = [], [], []
     for m, w in zip(models, ins):
-        present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
+        present = [n for n in w.stored_names() if n in infos[m].tensors]
         if not present:
             if out.optional:
                 continue
