@@ -26,7 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from search.engine.checkpoint_layout import converted_infos, converted_tensors
 from search.engine.errors import UserError
+from search.engine.hf_config import hf_config
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
@@ -122,7 +124,9 @@ class Materializer:
         """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed)."""
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
-            self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            src = load_source(name, self.path(name), where, self.allow_pickle)
+            src.tensors = converted_tensors(src.config, src.tensors)
+            self._sources[name] = src
         return self._sources[name]
 
     def memory_plan(self, plans: list | None = None) -> MemoryPlan:
@@ -164,7 +168,8 @@ class Materializer:
             else:
                 path = self.path(name)
                 config = read_config(name, path)
-                self._infos[name] = ModelInfo(name, config, read_tensor_infos(name, path, self.allow_pickle))
+                infos = converted_infos(config, read_tensor_infos(name, path, self.allow_pickle))
+                self._infos[name] = ModelInfo(name, config, infos)
         return self._infos[name]
 
     # ---- planning ----------------------------------------------------------------
@@ -423,7 +428,7 @@ class _ResidentModel:
         import transformers
         from transformers.initialization import no_init_weights
 
-        cfg = _hf_config(config)
+        cfg = hf_config(config)
         with no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.tie_weights()  # no_init_weights also skips tying
@@ -460,14 +465,6 @@ class _GivenBuffers:
         if tensor.dtype != own.dtype or tensor.shape != own.shape:
             raise RuntimeError(f"{name}: result is {tensor.dtype}{list(tensor.shape)}, its buffer {own.dtype}{list(own.shape)}")
         own.copy_(tensor)
-
-
-def _hf_config(config: dict) -> transformers.PretrainedConfig:
-    import transformers
-
-    d = dict(config)
-    model_type = d.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, **d)
 
 
 def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: str) -> transformers.PreTrainedModel:

@@ -28,7 +28,8 @@ import torch
 import transformers
 
 from search.engine.errors import UserError
-from search.engine.moe_gates import gate_vectors, hf_config
+from search.engine.hf_config import hf_config
+from search.engine.moe_gates import gate_vectors
 
 if TYPE_CHECKING:
     from search.engine.recipe import Expert, MoERecipe

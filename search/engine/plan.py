@@ -24,6 +24,7 @@ import torch
 
 from search.engine.architectures import Architecture, WeightSpec, output_config
 from search.engine.errors import UserError
+from search.engine.hf_config import hf_config
 from search.engine.mergekit_definitions import architecture_of
 from search.engine.methods import Method, get_method
 from search.engine.parameters import anchor_values, layer_position, resolve
@@ -216,6 +217,8 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
 
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
+    if num_layers != donor.num_layers:
+        check_depth_writable(donor, num_layers, where)
     config = output_config(donor.config, arch, num_layers, recipe.out_dtype or recipe.dtype)
     out_tensors = {}
     for j in jobs:
@@ -224,6 +227,26 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
         out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
     output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
+
+
+def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:
+    """mergekit writes a stack's config.json as the base's config object at the new depth, which
+    transformers 5 validates on saving: a config that lists something per layer (`layer_types`)
+    fails there, and mergekit writes nothing. Refused here the same way, before any work."""
+    config = hf_config(donor.config)
+    *parents, last = donor.arch.num_layers_key.split(".")
+    node = config
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, last, num_layers)
+    try:
+        config.validate()
+    except Exception as e:  # transformers' validation errors have no common type
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"{where}: the slices make {num_layers} layers, but mergekit 0.1.5 cannot write a {donor.arch.name} config "
+            f"of {num_layers} layers from {donor.name}'s ({reason}); stack to {donor.num_layers} layers"
+        ) from None
 
 
 def _one_architecture(infos: dict[str, ModelInfo], first: ModelInfo, where: str) -> Architecture:
