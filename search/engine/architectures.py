@@ -80,11 +80,12 @@ class Architecture:
     def post_weights(self, num_layers: int) -> list[WeightSpec]:
         return [w.at(num_layers) for w in self.post]
 
-    def all_names(self, num_layers: int) -> list[str]:
-        names = [w.name for w in self.pre_weights(num_layers)]
+    def all_weights(self, num_layers: int) -> list[WeightSpec]:
+        """Every weight of a model of `num_layers` layers, in the definition's order."""
+        weights = self.pre_weights(num_layers)
         for i in range(num_layers):
-            names += [w.name for w in self.layer_weights(i, num_layers)]
-        return names + [w.name for w in self.post_weights(num_layers)]
+            weights += self.layer_weights(i, num_layers)
+        return weights + self.post_weights(num_layers)
 
 
 def config_value(config: dict, key: str):

@@ -120,11 +120,8 @@ def _lacks_planned_tensors(config: dict, names) -> bool:
         num_layers = arch.num_layers(config)
     except (UserError, KeyError, TypeError, ValueError):
         return False  # planning says what is wrong with the config
-    weights = arch.pre_weights(num_layers) + arch.post_weights(num_layers)
-    for i in range(num_layers):
-        weights += arch.layer_weights(i, num_layers)
     stored = set(names)
-    return any(not w.optional and not any(n in stored for n in w.stored_names()) for w in weights)
+    return any(not w.optional and not any(n in stored for n in w.stored_names()) for w in arch.all_weights(num_layers))
 
 
 def converted_infos(config: dict, infos: dict[str, TensorInfo]) -> dict[str, TensorInfo]:

@@ -258,6 +258,11 @@ class Materializer:
         final = plans[-1]
         if isinstance(final, MoERecipe):
             config, tensors = self._build(plans, seed, outputs=None)
+            if "auto_map" in config:  # DeepSeek-MoE: its model is remote code transformers 5 lacks
+                raise UserError(
+                    f"{config['architectures'][0]}: mergekit-moe writes this recipe as a model whose code transformers 5 "
+                    "lacks, so it cannot be scored; build it with `mergesearch merge`, or use no shared expert (a Mixtral)"
+                )
             resident = self._resident_model(config, list(tensors), next(iter(tensors.values())).dtype)
             if resident is None:
                 return _model_from_tensors(config, tensors, self.device)

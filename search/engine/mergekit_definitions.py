@@ -100,6 +100,12 @@ def definition_for(config: dict) -> Definition | None:
     return next((d for d in candidates if d.model_type == config.get("model_type")), None)
 
 
+def definition_named(architecture: str) -> Architecture:
+    """The (single-module) definition of a config.json `architectures` value, as mergekit-moe looks
+    one up for the layout it writes (Mistral's for a Mixtral, Qwen3's for a Qwen3-MoE)."""
+    return next(d.arch for d in definitions() if architecture in d.architectures and d.arch is not None)
+
+
 def definition_refusal(d: Definition) -> str | None:
     """Why mergesearch does not build this definition, from the file alone; None when nothing in it stops it."""
     if d.arch is None:
