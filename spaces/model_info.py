@@ -107,7 +107,7 @@ class ModelInfo:
             vocab_size=config.get("vocab_size"),
             fixed_depth=isinstance(config.get("layer_types"), list),
         )
-        counts = _param_counts(model_type, config)
+        counts = _param_counts(model_type, hidden, config)
         return replace(info, **counts) if counts else info
 
     @classmethod
@@ -129,8 +129,7 @@ def read_model_infos(paths: dict[str, str | Path]) -> dict[str, ModelInfo]:
     return {alias: ModelInfo.from_folder(path, alias) for alias, path in paths.items()}
 
 
-def _param_counts(model_type: str, c: dict) -> dict | None:
-    h = c["hidden_size"]
+def _param_counts(model_type: str, h: int, c: dict) -> dict | None:
     inter = c.get("intermediate_size")
     vocab = c.get("vocab_size")
     heads = c.get("num_attention_heads")

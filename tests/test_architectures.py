@@ -9,12 +9,15 @@ The slerp's live model must also give the logits of mergekit's folder loaded by 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
+from arch_standins import ARCH_CONFIGS
 from conftest import ARCH_TYPES, STANDINS, assert_same_tensors
-from standins import standin_config
 
+from search.engine.architecture_docs import architectures_markdown, fixed_depth
 from search.engine.architectures import config_value
 from search.engine.errors import UserError
 from search.engine.materialize import Materializer
@@ -56,7 +59,8 @@ out_dtype: bfloat16
 def passthrough(t: str) -> str:
     """3 layers from two models; 2 (layer 1 of each) where the config lists something per layer
     (`layer_types`), whose depth mergekit cannot change (test_depth_change_refused_as_mergekit_fails)."""
-    first = [1, 2] if counts_layers_twice(t) else [0, 2]
+    arch = next(d.arch for d in definitions() if d.model_type == t and refusal(d) is None)
+    first = [1, 2] if fixed_depth(arch) else [0, 2]
     return f"""
 slices:
   - sources:
@@ -67,10 +71,6 @@ slices:
         layer_range: [1, 2]
 merge_method: passthrough
 """
-
-
-def counts_layers_twice(arch_type: str) -> bool:
-    return getattr(standin_config(arch_type, 2), "layer_types", None) is not None
 
 
 RECIPES = {"slerp": slerp, "ties": ties, "passthrough": passthrough}
@@ -94,6 +94,13 @@ def _prefetch(mergekit_oracle):
 @pytest.fixture(scope="module")
 def materializer(standin_zoo, one_torch_thread):
     return Materializer(standin_zoo.paths([n for n in STANDINS if n.startswith("arch/")]))
+
+
+def test_docs_list_what_the_definitions_give():
+    """docs/architectures.md is the generator's output: regenerate it with
+    `python -m search.engine.architecture_docs > docs/architectures.md`."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "architectures.md"
+    assert page.read_text() == architectures_markdown()
 
 
 def test_every_buildable_definition_has_a_standin():
@@ -156,3 +163,18 @@ def test_depth_change_refused_as_mergekit_fails(arch_type, materializer, mergeki
         materializer.plan(loads(text))
     line = str(e.value)
     assert "\n" not in line and "cannot write a" in line and "stack to 2 layers" in line
+
+
+@pytest.mark.parametrize(
+    "model_type,switch,missing",
+    [("cohere", {"use_qk_norm": False}, "self_attn.q_norm.weight"), ("falcon", {"new_decoder_architecture": False}, "ln_attn")],
+)
+def test_a_checkpoint_without_what_the_definition_requires_is_one_line(model_type, switch, missing, tmp_path):
+    """Command-R (no q/k norms) and Falcon-7B (no ln_attn) do not fit mergekit's definitions, which
+    require those tensors (mergekit fails on them too: docs/architectures.md notes it)."""
+    config = transformers.CONFIG_MAPPING[model_type](**{**ARCH_CONFIGS[model_type], **switch})
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "m")
+    recipe = "slices:\n  - sources: [{model: m, layer_range: [0, 2]}]\nmerge_method: passthrough\n"
+    with pytest.raises(UserError, match=rf"model m has no tensor \S*{missing}\S*; it does not fit a {model_type} merge") as e:
+        Materializer({"m": tmp_path / "m"}).plan(loads(recipe))
+    assert "\n" not in str(e.value)

@@ -91,7 +91,7 @@ def test_spaces_read_depth_and_width_from_the_definitions_keys(zoo):
 
 def test_stacking_a_config_with_layer_types_is_refused_in_one_line(zoo):
     infos = read_model_infos({"q": zoo / "base"})
-    with pytest.raises(UserError, match=r"space\.models.*q is a qwen3 model whose config\.json lists layer_types") as e:
+    with pytest.raises(UserError, match=r"^space\.models\[0\]: 'q' is a qwen3 model whose config\.json lists layer_types") as e:
         build_space({"kind": "layout", "mode": "dus", "models": ["q"]}, infos)
     assert "\n" not in str(e.value)
 

@@ -15,12 +15,17 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 _PLACEHOLDER = re.compile(r"\$\{(layer_index|num_layers)([+-]1)?\}")
 
 
 def substitute(template: str, num_layers: int, layer: int | None = None) -> str:
     """A template with its placeholders filled in, as mergekit fills them."""
+    if layer is not None:  # the common case first: planning fills in thousands of names per recipe
+        template = template.replace("${layer_index}", str(layer))
+    if "$" not in template:
+        return template
 
     def value(m: re.Match) -> str:
         base = num_layers if m.group(1) == "num_layers" else layer
@@ -58,7 +63,7 @@ class WeightSpec:
         return (self.name, *self.aliases, *self.tied_names)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one object per definition: compared (and cached) by identity
 class Architecture:
     name: str  # the definition's model_type: llama, qwen3, gemma3_text, ...
     hf_architectures: tuple[str, ...]  # config.json "architectures" values it covers
@@ -71,21 +76,27 @@ class Architecture:
     def num_layers(self, config: dict) -> int:
         return int(config_value(config, self.num_layers_key))
 
-    def pre_weights(self, num_layers: int) -> list[WeightSpec]:
-        return [w.at(num_layers) for w in self.pre]
+    def pre_weights(self, num_layers: int) -> tuple[WeightSpec, ...]:
+        return _placed(self, "pre", None, num_layers)
 
-    def layer_weights(self, index: int, num_layers: int) -> list[WeightSpec]:
-        return [w.at(num_layers, index) for w in self.layer]
+    def layer_weights(self, index: int, num_layers: int) -> tuple[WeightSpec, ...]:
+        return _placed(self, "layer", index, num_layers)
 
-    def post_weights(self, num_layers: int) -> list[WeightSpec]:
-        return [w.at(num_layers) for w in self.post]
+    def post_weights(self, num_layers: int) -> tuple[WeightSpec, ...]:
+        return _placed(self, "post", None, num_layers)
 
     def all_weights(self, num_layers: int) -> list[WeightSpec]:
         """Every weight of a model of `num_layers` layers, in the definition's order."""
-        weights = self.pre_weights(num_layers)
+        weights = list(self.pre_weights(num_layers))
         for i in range(num_layers):
             weights += self.layer_weights(i, num_layers)
-        return weights + self.post_weights(num_layers)
+        return weights + list(self.post_weights(num_layers))
+
+
+@lru_cache(maxsize=1 << 14)
+def _placed(arch: Architecture, part: str, layer: int | None, num_layers: int) -> tuple[WeightSpec, ...]:
+    """A part's weights placed in a model (kept: every candidate of a search plans the same names)."""
+    return tuple(w.at(num_layers, layer) for w in getattr(arch, part))
 
 
 def config_value(config: dict, key: str):

@@ -229,24 +229,33 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
 
 
-def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:
-    """mergekit writes a stack's config.json as the base's config object at the new depth, which
+def depth_change_refusal(config: dict, num_layers_key: str, num_layers: int) -> str | None:
+    """Why mergekit 0.1.5 cannot write this config at `num_layers` layers; None when it can.
+
+    mergekit writes a stack's config.json as the base's config object with the new depth, which
     transformers 5 validates on saving: a config that lists something per layer (`layer_types`)
-    fails there, and mergekit writes nothing. Refused here the same way, before any work."""
-    config = hf_config(donor.config)
-    *parents, last = donor.arch.num_layers_key.split(".")
-    node = config
+    fails there, and mergekit writes nothing."""
+    hf = hf_config(config)
+    *parents, last = num_layers_key.split(".")
+    node = hf
     for part in parents:
         node = getattr(node, part)
     setattr(node, last, num_layers)
     try:
-        config.validate()
+        hf.validate()
     except Exception as e:  # transformers' validation errors have no common type
-        reason = str(e).strip().splitlines()[-1].strip()
+        return str(e).strip().splitlines()[-1].strip()
+    return None
+
+
+def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:
+    """A stack mergekit could not write is refused before any work, in one line."""
+    reason = depth_change_refusal(donor.config, donor.arch.num_layers_key, num_layers)
+    if reason:
         raise UserError(
             f"{where}: the slices make {num_layers} layers, but mergekit 0.1.5 cannot write a {donor.arch.name} config "
             f"of {num_layers} layers from {donor.name}'s ({reason}); stack to {donor.num_layers} layers"
-        ) from None
+        )
 
 
 def _one_architecture(infos: dict[str, ModelInfo], first: ModelInfo, where: str) -> Architecture:
