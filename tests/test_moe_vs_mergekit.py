@@ -506,3 +506,16 @@ def test_a_deepseek_moe_is_built_but_not_scored(zoo):
     with pytest.raises(UserError, match=r"^DeepseekForCausalLM: .*cannot be scored; build it with `mergesearch merge`") as e:
         Materializer(zoo).materialize(stages, seed=SEED)
     assert "\n" not in str(e.value)
+
+
+def test_merge_command_writes_a_deepseek_moe_as_mergekit_does(zoo, mergekit_outputs, tmp_path):
+    from search.commands.cli import main as cli_main
+
+    recipe = tmp_path / "deepseek.yml"
+    recipe.write_text(_mapped(CASES["deepseek_random_shared"], zoo))
+    assert cli_main(["merge", str(recipe), str(tmp_path / "out"), "--random-seed", str(SEED)]) == 0
+    want = mergekit_outputs["deepseek_random_shared"]
+    got = read_folder(tmp_path / "out")
+    assert sorted(got) == sorted(read_folder(want))
+    assert all(torch.equal(got[k], v) for k, v in read_folder(want).items())
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((want / "config.json").read_text())
