@@ -75,7 +75,7 @@ def conversions(model_type: str | None, names: list[str]) -> dict[str, Fused]:
         for key in sorted(current, key=_natural_order):
             target, pattern = transform.rename_source_key(key)
             if pattern is not None:
-                groups.setdefault(target, {}).setdefault(pattern, []).append(current[key])
+                groups.setdefault(target, {}).setdefault(pattern, []).append(current.pop(key))
         for target, by_pattern in groups.items():
             parts = tuple(tuple(by_pattern[p]) for p in transform.source_patterns if p in by_pattern)
             fused[target] = Fused(parts, *how)
@@ -108,10 +108,6 @@ def fused_tensor(f: Fused, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return stacks[0] if f.cat_dim is None else torch.cat(stacks, dim=f.cat_dim)
 
 
-def _used(extra: dict[str, Fused]) -> set[str]:
-    return {n for f in extra.values() for part in f.parts for n in part}
-
-
 def _lacks_planned_tensors(config: dict, names) -> bool:
     """Whether a tensor the model's definition requires is not stored under any of its names: only
     then is transformers' mapping consulted (importing it costs seconds, and most models never need it)."""
@@ -129,15 +125,18 @@ def converted_infos(config: dict, infos: dict[str, TensorInfo]) -> dict[str, Ten
     if not _lacks_planned_tensors(config, infos):
         return infos
     extra = conversions(config.get("model_type"), list(infos))
-    used = _used(extra)
+    used = {n for f in extra.values() for part in f.parts for n in part}
     return {**{k: v for k, v in infos.items() if k not in used}, **{k: fused_info(f, infos) for k, f in extra.items()}}
 
 
-def converted_tensors(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors as the model's: converted ones (made now, once) in place of those they are
-    made of, which are dropped so that a device holds each weight once."""
+def convert_tensors(config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Turn a checkpoint's tensors into the model's, in place: each converted tensor is made (once)
+    and the stored ones it is made of are dropped as it is, so that a device holds each weight once
+    and, while converting, no more than one converted tensor's worth beside."""
     if not _lacks_planned_tensors(config, tensors):
-        return tensors
-    extra = conversions(config.get("model_type"), list(tensors))
-    used = _used(extra)
-    return {**{k: v for k, v in tensors.items() if k not in used}, **{k: fused_tensor(f, tensors) for k, f in extra.items()}}
+        return
+    for name, f in conversions(config.get("model_type"), list(tensors)).items():
+        tensors[name] = fused_tensor(f, tensors)
+        for part in f.parts:
+            for stored in part:
+                del tensors[stored]

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from search.engine.checkpoint_layout import converted_infos, converted_tensors
+from search.engine.checkpoint_layout import convert_tensors, converted_infos
 from search.engine.errors import UserError
 from search.engine.hf_config import hf_config
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
@@ -125,7 +125,7 @@ class Materializer:
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
             src = load_source(name, self.path(name), where, self.allow_pickle)
-            src.tensors = converted_tensors(src.config, src.tensors)
+            convert_tensors(src.config, src.tensors)
             self._sources[name] = src
         return self._sources[name]
 
