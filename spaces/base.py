@@ -133,6 +133,18 @@ class Space:
         """Layers stacked from several models must come from one family and width."""
         self._check_alike(spec, fields, ("model_type", "hidden_size"), "stack layers of one family and width")
 
+    def check_depth_can_change(self, spec: SpecReader, fields: list[tuple[str, str]]) -> None:
+        """Stacks and expansions change the depth, which mergekit 0.1.5 cannot write into a config
+        that lists something per layer: transformers 5 refuses that config, so mergekit writes nothing."""
+        for key, name in fields:
+            info = self.models[name]
+            if info.fixed_depth:
+                spec.fail(
+                    key,
+                    f"{short(name)} is a {info.model_type} model whose config.json lists layer_types, which mergekit "
+                    "0.1.5 cannot write at another depth; search it with a slerp or weights space",
+                )
+
     def _check_alike(self, spec: SpecReader, fields, attributes, fix: str) -> None:
         _, first_name = fields[0]
         first = self.models[first_name]

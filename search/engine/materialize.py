@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from search.engine.checkpoint_layout import convert_tensors, converted_infos
 from search.engine.errors import UserError
 from search.engine.lora import Adapter, check_fits, split_adapter
 from search.engine.lora_merge import load_adapter, with_adapter
+from search.engine.hf_config import hf_config
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
@@ -162,11 +164,10 @@ class Materializer:
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
             adapter = self.adapter(name)
-            if adapter is None:
-                self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
-            else:
-                base = load_source(name, self.path(name), "cpu", self.allow_pickle)  # merged on the CPU, as mergekit does
-                self._sources[name] = with_adapter(base, *adapter, where)
+            # an adapter is merged on the CPU, as mergekit does, then the result goes where sources live
+            src = load_source(name, self.path(name), where if adapter is None else "cpu", self.allow_pickle)
+            convert_tensors(src.config, src.tensors)
+            self._sources[name] = src if adapter is None else with_adapter(src, *adapter, where)
         return self._sources[name]
 
     def memory_plan(self, plans: list | None = None) -> MemoryPlan:
@@ -208,7 +209,7 @@ class Materializer:
             else:
                 path = self.path(name)
                 config = read_config(name, path)
-                tensors = read_tensor_infos(name, path, self.allow_pickle)
+                tensors = converted_infos(config, read_tensor_infos(name, path, self.allow_pickle))
                 adapter = self.adapter(name)
                 if adapter is not None:  # it changes tensors, never their shapes or dtypes
                     lora, weights = adapter
@@ -273,6 +274,11 @@ class Materializer:
         final = plans[-1]
         if isinstance(final, MoERecipe):
             config, tensors = self._build(plans, seed, outputs=None)
+            if "auto_map" in config:  # DeepSeek-MoE: its model is remote code transformers 5 lacks
+                raise UserError(
+                    f"{config['architectures'][0]}: mergekit-moe writes this recipe as a model whose code transformers 5 "
+                    "lacks, so it cannot be scored; build it with `mergesearch merge`, or use no shared expert (a Mixtral)"
+                )
             resident = self._resident_model(config, list(tensors), next(iter(tensors.values())).dtype)
             if resident is None:
                 return _model_from_tensors(config, tensors, self.device)
@@ -438,7 +444,7 @@ class _ResidentModel:
         import transformers
         from transformers.initialization import no_init_weights
 
-        cfg = _hf_config(config)
+        cfg = hf_config(config)
         with no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.tie_weights()  # no_init_weights also skips tying
@@ -475,14 +481,6 @@ class _GivenBuffers:
         if tensor.dtype != own.dtype or tensor.shape != own.shape:
             raise RuntimeError(f"{name}: result is {tensor.dtype}{list(tensor.shape)}, its buffer {own.dtype}{list(own.shape)}")
         own.copy_(tensor)
-
-
-def _hf_config(config: dict) -> transformers.PretrainedConfig:
-    import transformers
-
-    d = dict(config)
-    model_type = d.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, **d)
 
 
 def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: str) -> transformers.PreTrainedModel:

@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from search.engine.architectures import Architecture, WeightSpec, architecture_of, output_config
+from search.engine.architectures import Architecture, WeightSpec, output_config
 from search.engine.errors import UserError
+from search.engine.hf_config import hf_config
+from search.engine.mergekit_definitions import architecture_of
 from search.engine.methods import Method, get_method
 from search.engine.parameters import anchor_values, layer_position, resolve
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
@@ -200,20 +202,22 @@ def plan_stage(
     def plan(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
         planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t, vocabulary_size))
 
+    # Names with ${num_layers} are the output's (mergekit fills a definition in with the output config).
+    out_depth = sum(s.num_layers for s in slices)
     first_slice, last_slice = slices[0], slices[-1]
-    for w in arch.pre:
+    for w in arch.pre_weights(out_depth):
         plan(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
     out_layer = 0
     for s in slices:
         depth = s.num_layers
         for offset in range(depth):
             t = layer_position(offset, depth)
-            outs = arch.layer_weights(out_layer)
-            ins = [arch.layer_weights(src.layer_range[0] + offset) for src in s.sources]
+            outs = arch.layer_weights(out_layer, out_depth)
+            ins = [arch.layer_weights(src.layer_range[0] + offset, infos[src.model].num_layers) for src in s.sources]
             for k, w in enumerate(outs):
                 plan(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
             out_layer += 1
-    for w in arch.post:
+    for w in arch.post_weights(out_depth):
         # mergekit pairs the last slice's models with as many inputs as the first slice has.
         models = [src.model for src in last_slice.sources][: len(first_slice.sources)]
         plan(w, [w] * len(models), models, last_slice, 0.0)
@@ -221,7 +225,9 @@ def plan_stage(
 
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
-    config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
+    if num_layers != donor.num_layers:
+        check_depth_writable(donor, num_layers, where)
+    config = output_config(donor.config, arch, num_layers, recipe.out_dtype or recipe.dtype)
     if vocabulary_size is not None:
         config["vocab_size"] = vocabulary_size
     out_tensors = {}
@@ -231,6 +237,35 @@ def plan_stage(
         out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
     output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
+
+
+def depth_change_refusal(config: dict, num_layers_key: str, num_layers: int) -> str | None:
+    """Why mergekit 0.1.5 cannot write this config at `num_layers` layers; None when it can.
+
+    mergekit writes a stack's config.json as the base's config object with the new depth, which
+    transformers 5 validates on saving: a config that lists something per layer (`layer_types`)
+    fails there, and mergekit writes nothing."""
+    hf = hf_config(config)
+    *parents, last = num_layers_key.split(".")
+    node = hf
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, last, num_layers)
+    try:
+        hf.validate()
+    except Exception as e:  # transformers' validation errors have no common type
+        return str(e).strip().splitlines()[-1].strip()
+    return None
+
+
+def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:
+    """A stack mergekit could not write is refused before any work, in one line."""
+    reason = depth_change_refusal(donor.config, donor.arch.num_layers_key, num_layers)
+    if reason:
+        raise UserError(
+            f"{where}: the slices make {num_layers} layers, but mergekit 0.1.5 cannot write a {donor.arch.name} config "
+            f"of {num_layers} layers from {donor.name}'s ({reason}); stack to {donor.num_layers} layers"
+        )
 
 
 def _one_architecture(infos: dict[str, ModelInfo], first: ModelInfo, where: str) -> Architecture:
@@ -257,15 +292,16 @@ def _plan_tensor(
     vocabulary_size: int | None = None,
 ) -> Job | None:
     """One output tensor: which source tensors it reads and the method's parameters at position t.
-    None for an optional tensor absent everywhere (a tied head), which mergekit does not write."""
+    None for an optional tensor absent everywhere (a tied head), which mergekit does not write;
+    as mergekit, a tied name does not count as present there, but is read where the name is absent."""
     base = s.base_model or recipe.base_model
-    if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
+    if out.optional and not any(n in infos[m].tensors for m, w in zip(models, ins) for n in (w.name, *w.aliases)):
         return None
     shared_levels = (s.parameters, recipe.parameters)
     shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
     read_models, read_names, per_input = [], [], []
     for m, w in zip(models, ins):
-        present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
+        present = [n for n in w.stored_names() if n in infos[m].tensors]
         if not present:
             if out.optional:
                 continue
