@@ -225,8 +225,10 @@ DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
 
 
 def deepseek_moe(p: MoEInputs) -> tuple[dict, dict[str, torch.Tensor]]:
+    # mergekit-moe also writes `_name_or_path`, the base's folder on the machine that merged it; a published
+    # config names no folder of this machine (search/engine/output.py leaves it out)
     config = hf_config(p.base.config).to_dict()
-    config["_name_or_path"] = str(p.base.path)  # mergekit's config object was read from the base's folder
+    config.pop("_name_or_path", None)
     shared = len(p.shared)
     config.update(
         architectures=["DeepseekForCausalLM"], model_type="deepseek", n_routed_experts=len(p.experts),
