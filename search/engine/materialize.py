@@ -287,6 +287,7 @@ class Materializer:
 
     def _build(self, plans, seed, outputs: "_ResidentModel | None"):
         self.memory_plan(plans)  # decided before the first source loads
+        self.cache.new_candidate()
         earlier: dict[str, SourceModel] = {}
         config, tensors = {}, {}
         for k, plan in enumerate(plans):
