@@ -18,7 +18,7 @@ from search.engine.methods import BUILT_IN, Context, Inputs, StatCache
 SHAPE = (613, 500)  # 306500 elements: four pieces and a ragged fifth
 
 
-def _family(dtype: torch.dtype, models: int, seed: int = 0) -> list[torch.Tensor]:
+def _family(dtype: torch.dtype, models: int, seed: int = 0, nan: bool = True) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     base = (torch.randn(SHAPE, generator=g) * 0.02).to(dtype)
     out = [base]
@@ -26,7 +26,8 @@ def _family(dtype: torch.dtype, models: int, seed: int = 0) -> list[torch.Tensor
         ft = (base.float() + torch.randn(SHAPE, generator=g) * 0.002).to(dtype)
         flat = ft.view(-1)
         flat[k * 1000 : k * 1000 + 500] = base.view(-1)[k * 1000 : k * 1000 + 500]  # exact zeros in the delta
-        flat[70_000 + k] = float("nan")
+        if nan:
+            flat[70_000 + k] = float("nan")
         out.append(ft)
     out[0].view(-1)[200_000:200_100] = -0.0
     return out
@@ -69,7 +70,25 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
 def test_pieces_and_reuse_match_mergekit(method, params, dtype, one_torch_thread):
-    xs = _family(dtype, 2)
+    _check(method, params, dtype)
+
+
+@pytest.mark.parametrize("method,params", [CASES[2], CASES[4], CASES[6], CASES[8]], ids=["ties", "ties-rescale", "dare_ties", "dare_linear"])
+def test_two_lanes_give_the_same_bits(method, params):
+    """With two torch threads the piece loops run in two lanes (search/engine/methods/lanes.py), and
+    mergekit's whole-tensor sums with two threads: still the same bytes. (Without NaN: mergekit's ops
+    split each tensor between torch's threads at an arbitrary element, which then takes the scalar
+    path instead of the vector one, and a NaN's sign bit there can differ between the two.)"""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _check(method, params, torch.bfloat16, nan=False)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check(method: str, params: dict, dtype: torch.dtype, nan: bool = True) -> None:
+    xs = _family(dtype, 2, nan=nan)
     seed = 7 if method.startswith("dare") else None
     cache = StatCache()
     keys = [("base", dtype), ("a", dtype), ("b", dtype)]

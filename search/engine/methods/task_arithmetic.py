@@ -24,7 +24,8 @@ from typing import Callable
 
 import torch
 
-from search.engine.methods.base import CHUNK, Context, Inputs, Method, pieces
+from search.engine.methods.base import CHUNK, Context, Inputs, Method
+from search.engine.methods.lanes import run_pieces
 from search.engine.parameters import ParamSpec
 
 EPS = 1e-7  # mergekit's rescale guard
@@ -99,36 +100,38 @@ def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps
 
 def l1_norm(inputs: Inputs, i: int, work: torch.dtype, keep, ctx: Context) -> torch.Tensor:
     """|x_i - base| (masked by keep, if given) summed over the whole tensor, in `work`: torch's own sum
-    of a tensor of the input's shape, so the same order of additions (and last bits) as mergekit's."""
+    of a tensor of the input's shape on this thread, so the same additions (and last bits) as mergekit's."""
     base = inputs.base
     n = base.numel()
     full = ctx.scratch(_FULL, n, work, base.device)
-    step = piece_length(base)
-    for start, end in pieces(n, step):
-        d = delta_piece(inputs, i, start, end, ctx.scratch(_DELTAS, end - start, base.dtype, base.device))
+
+    def fill(start: int, end: int, lane: int) -> None:
+        d = delta_piece(inputs, i, start, end, ctx.scratch((_DELTAS, lane), end - start, base.dtype, base.device))
         piece = full[start:end]
         piece.copy_(d)
         if keep is not None:
-            piece.mul_(keep(start, end, ctx.scratch(_KEEP, end - start, torch.bool, base.device)))
+            piece.mul_(keep(start, end, ctx.scratch((_KEEP, lane), end - start, torch.bool, base.device)))
         piece.abs_()
+
+    run_pieces(n, piece_length(base), fill, base.device)
     return full.view(base.shape).sum()
 
 
-def select(sel: Selection, d: torch.Tensor, start: int, end: int, ctx: Context) -> None:
+def select(sel: Selection, d: torch.Tensor, start: int, end: int, ctx: Context, lane: int = 0) -> None:
     """Sparsify the task vector piece d (elements [start, end)) in place, as mergekit's sparsify would."""
     if sel.zero:
         d.zero_()
         return
     if sel.keep is None:
         return
-    keep = sel.keep(start, end, ctx.scratch(_KEEP, end - start, torch.bool, d.device))
+    keep = sel.keep(start, end, ctx.scratch((_KEEP, lane), end - start, torch.bool, d.device))
     on_device = d.device.type != "cpu"
     if sel.work is None or sel.work == d.dtype:
         d.mul_(keep)
         if sel.scale is not None:
             l1_norms_apply(d, sel.scale, on_device)
         return
-    w = ctx.scratch(_WORK, end - start, sel.work, d.device).copy_(d)
+    w = ctx.scratch((_WORK, lane), end - start, sel.work, d.device).copy_(d)
     w.mul_(keep)
     if sel.scale is not None:
         l1_norms_apply(w, sel.scale, on_device)
@@ -159,16 +162,17 @@ def generalized_merge(
         divisor.masked_fill_(divisor.abs() < 1e-8, 1)  # mergekit: divisor[divisor.abs() < 1e-8] = 1
     out = ctx.output_like(base)
     flat_base, flat_out = base.reshape(-1), out.view(-1)
-    for start, end in pieces(n, piece_length(base)):
+
+    def combine(start: int, end: int, lane: int) -> None:
         c = end - start
-        deltas = ctx.scratch(_DELTAS, m * c, dtype, device).view(m, c)
+        deltas = ctx.scratch((_DELTAS, lane), m * c, dtype, device).view(m, c)
         for row, (i, sel) in enumerate(zip(others, selections)):
             delta_piece(inputs, i, start, end, deltas[row])
-            select(sel, deltas[row], start, end, ctx)
+            select(sel, deltas[row], start, end, ctx, lane)
         deltas.mul_(weights)
-        mixed = ctx.scratch(_MIXED, c, dtype, device)
+        mixed = ctx.scratch((_MIXED, lane), c, dtype, device)
         if consensus:
-            div = _sign_consensus(deltas, weights, mask_dtype, mixed, ctx)
+            div = _sign_consensus(deltas, weights, mask_dtype, mixed, ctx, lane)
         else:
             torch.sum(deltas, dim=0, out=mixed)
             div = divisor
@@ -177,25 +181,27 @@ def generalized_merge(
         if shared["lambda"] != 1:
             mixed.mul_(shared["lambda"])
         torch.add(flat_base[start:end], mixed, out=flat_out[start:end])
+
+    run_pieces(n, piece_length(base), combine, device)
     return out
 
 
 def _sign_consensus(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype, mixed: torch.Tensor,
-                    ctx: Context) -> torch.Tensor:
+                    ctx: Context, lane: int) -> torch.Tensor:
     """TIES's consensus on one piece of weighted task vectors [m, c]: mixed = the sum of the elements whose
     sign agrees with the sign of the sum; returns the divisor (the sum of their weights, 0 -> 1).
     mergekit's get_mask and its two sums, into scratch buffers."""
     m, c = deltas.shape
     dtype, device = deltas.dtype, deltas.device
-    sign = torch.sign(deltas, out=ctx.scratch(_SIGN, m * c, dtype, device).view(m, c))
+    sign = torch.sign(deltas, out=ctx.scratch((_SIGN, lane), m * c, dtype, device).view(m, c))
     if mask_dtype != dtype:
-        sign = ctx.scratch(_SIGN_MASK, m * c, mask_dtype, device).view(m, c).copy_(sign)
-    summed = torch.sum(deltas, dim=0, out=ctx.scratch(_SUMMED, c, dtype, device))
-    positive = torch.ge(summed, 0, out=ctx.scratch(_MAJORITY_BOOL, c, torch.bool, device))
-    majority = ctx.scratch(_MAJORITY, c, mask_dtype, device).copy_(positive)
+        sign = ctx.scratch((_SIGN_MASK, lane), m * c, mask_dtype, device).view(m, c).copy_(sign)
+    summed = torch.sum(deltas, dim=0, out=ctx.scratch((_SUMMED, lane), c, dtype, device))
+    positive = torch.ge(summed, 0, out=ctx.scratch((_MAJORITY_BOOL, lane), c, torch.bool, device))
+    majority = ctx.scratch((_MAJORITY, lane), c, mask_dtype, device).copy_(positive)
     majority.mul_(2).sub_(1)
-    agree = torch.eq(sign, majority, out=ctx.scratch(_AGREE, m * c, torch.bool, device).view(m, c))
-    product = ctx.scratch(_PRODUCT, m * c, dtype, device).view(m, c)
+    agree = torch.eq(sign, majority, out=ctx.scratch((_AGREE, lane), m * c, torch.bool, device).view(m, c))
+    product = ctx.scratch((_PRODUCT, lane), m * c, dtype, device).view(m, c)
     torch.sum(torch.mul(deltas, agree, out=product), dim=0, out=mixed)
     divisor = torch.sum(torch.mul(weights, agree, out=product), dim=0, out=summed)
     divisor.masked_fill_(torch.eq(divisor, 0, out=positive), 1)  # mergekit: divisor[divisor == 0] = 1
