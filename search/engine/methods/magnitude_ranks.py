@@ -17,9 +17,10 @@ import torch
 
 from search.engine.methods.base import Context, pieces
 
-# Bytes a rank computation holds beyond its result, per element: |delta| as float32 (4), the sort's
-# values (4) and indices (8). Counted in the worker's memory estimate (search/engine/memory_estimate.py).
-SORT_BYTES_PER_ELEMENT = 16
+# Bytes per element of the task vector: a rank computation holds the magnitudes (4, float32) and the
+# sort's indices (8); the ranks (int32) then take the magnitudes' place. Counted in the worker's
+# memory estimate (search/engine/memory_estimate.py).
+SORT_BYTES_PER_ELEMENT = 12
 RANK_BYTES_PER_ELEMENT = 4
 
 
@@ -34,10 +35,16 @@ def kept_count(density: float, n: int) -> int | None:
 
 def ranks(magnitudes: torch.Tensor) -> torch.Tensor:
     """rank[i] = position of element i in mergekit's descending sort of the task vector's magnitudes
-    (|delta|, flattened; float32 on the CPU, as mergekit sorts them)."""
-    order = torch.argsort(magnitudes, descending=True)
-    n = order.numel()
-    rank = torch.empty(n, dtype=torch.int32, device=order.device)
+    (|delta|, flattened; float32 on the CPU, as mergekit sorts them). Consumes `magnitudes`: on the CPU
+    the sort runs in place (the same permutation as torch.argsort, tested) and the ranks take its memory."""
+    n = magnitudes.numel()
+    if magnitudes.device.type == "cpu" and magnitudes.dtype == torch.float32:
+        order = torch.empty(n, dtype=torch.int64)
+        torch.sort(magnitudes, descending=True, out=(magnitudes, order))
+        rank = magnitudes.view(torch.int32)  # the sorted values are not needed: their bytes hold the ranks
+    else:
+        order = torch.argsort(magnitudes, descending=True)
+        rank = torch.empty(n, dtype=torch.int32, device=order.device)
     for start, end in pieces(n, 1 << 22):  # the positions written piece by piece: no n-sized arange
         rank[order[start:end]] = torch.arange(start, end, dtype=torch.int32, device=order.device)
     return rank
