@@ -273,6 +273,8 @@ class Materializer:
         plans = self.plan(recipe)
         final = plans[-1]
         if isinstance(final, MoERecipe):
+            for resident in self._resident.values():  # drop the last mixture's tensors before making the next
+                resident.release()
             config, tensors = self._build(plans, seed, outputs=None)
             resident = self._resident_model(config, list(tensors), next(iter(tensors.values())).dtype)
             if resident is None:
@@ -464,6 +466,11 @@ class _ResidentModel:
             return None
         return cls(model, {n: params[n] for n in names if n in params})
 
+    def release(self) -> None:
+        """Point every parameter back at its owned buffer, letting go of the tensors it was pointed at."""
+        for name, p in self.params.items():
+            p.data = self.owned[name]
+
     def assign(self, name: str, tensor: torch.Tensor, aliased: bool) -> None:
         """Point parameter `name` at a source tensor (aliased) or put `tensor` in its owned buffer."""
         p = self.params.get(name)
@@ -565,6 +572,7 @@ def memory_need(mat: Materializer, plans: list | None = None) -> MemoryNeed:
         shapes, runtime=_runtime_bytes(mat), candidate=candidate, intermediates=intermediates, work_itemsize=work,
         keep_converted=mat.keep_converted, eval_tokens=mat.eval_tokens, eval_config=config,
         lanes=lane_count(mat.device), staging=mat._stage_sources or torch.device(mat.device).type != "cpu",
+        cache_limit=mat._cache_bytes,
     )
 
 

@@ -84,8 +84,10 @@ def source_shapes(sources: list[tuple[int, list[tuple[int, int]]]]) -> SourceSha
 
 def worker_need(shapes: SourceShapes, *, runtime: int, candidate: int, intermediates: int = 0,
                 work_itemsize: int | None = None, keep_converted: bool = True, eval_tokens: int = 0,
-                eval_config: dict | None = None, lanes: int = 1, staging: bool = False) -> MemoryNeed:
-    """A worker's need for these sources and the recipe it will build (see the module docstring)."""
+                eval_config: dict | None = None, lanes: int = 1, staging: bool = False,
+                cache_limit: int | None = None) -> MemoryNeed:
+    """A worker's need for these sources and the recipe it will build (see the module docstring).
+    cache_limit: a bound the caller set on the cache (0: none kept)."""
     converted = 0
     if work_itemsize and work_itemsize != shapes.itemsize and keep_converted:
         converted = shapes.total_bytes * work_itemsize // shapes.itemsize  # sources kept in the recipe's dtype
@@ -96,7 +98,7 @@ def worker_need(shapes: SourceShapes, *, runtime: int, candidate: int, intermedi
         candidate=candidate + intermediates,
         temporaries=merge_temporaries(shapes, lanes, work_itemsize),
         evaluation=evaluation_bytes(eval_tokens, eval_config or {}, work_itemsize or shapes.itemsize),
-        cache_useful=cache_useful(shapes),
+        cache_useful=cache_useful(shapes) if cache_limit is None else min(cache_limit, cache_useful(shapes)),
         window=window,
     )
 
