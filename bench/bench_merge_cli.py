@@ -10,7 +10,7 @@ t-curves), task_arithmetic, ties, dare_ties, dare_linear (--random-seed 1 for bo
 passthrough (layers [0, 2n/3) of the base then [n/3, n) of a variant, as SOLAR stacks them).
 Both tools run as fresh processes, alternating (the order flips every repeat), each run's output
 folder removed and `sync`ed away first, the sources in the page cache for both. Peak memory is
-each process's own peak resident set (getrusage's ru_maxrss, read with wait4). After the runs both
+each process's own peak resident set (GNU time's %M). After the runs both
 outputs are compared tensor by tensor, bit for bit.
 
     flock /work/heavy.lock .venv/bin/python bench/bench_merge_cli.py --model smollm2 [--methods ties dare_ties] [--repeats 3]
@@ -78,17 +78,20 @@ def _phigment_slerp(a: str, b: str, layers: int) -> dict:
     return cfg
 
 
-def timed(cmd: list) -> tuple[float, int]:
-    """(seconds, peak resident set in bytes) of one run of `cmd`."""
+def timed(cmd: list, scratch: Path) -> tuple[float, int]:
+    """(seconds, peak resident set in bytes) of one run of `cmd`.
+
+    The peak is GNU time's (%M): a process's peak resident set counts what it held before it exec'd,
+    so a tool forked straight from this process (torch imported: ~0.7 GiB) would start from ours;
+    /usr/bin/time forks it from its own few MiB."""
+    report = scratch / "peak-kib"
     start = time.perf_counter()
-    proc = subprocess.Popen([str(c) for c in cmd], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    err = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *[str(c) for c in cmd]], env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
-        sys.exit(f"{cmd[0]} failed:\n{err[-3000:]}")
-    return elapsed, usage.ru_maxrss * 1024
+        sys.exit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    return elapsed, int(report.read_text().split()[-1]) * 1024
 
 
 def loadavg() -> str:
@@ -163,7 +166,7 @@ def main() -> None:
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()
                 loads.append(loadavg())
-                runs[name].append(timed(cmd))
+                runs[name].append(timed(cmd, root))
                 s, peak = runs[name][-1]
                 print(f"{method:16s} run {r + 1}: {name:18s} {s:7.2f} s  peak RSS {peak / 2**30:.2f} GiB  (load before {loads[-1]})", flush=True)
         n, differ = same_tensors(ours_out, theirs_out)

@@ -25,12 +25,15 @@ and the time of a streamed candidate against a resident one.
    Optuna's RandomSampler. Printed per case: the estimate the worker prints (its memory plan, raised
    if a recipe needed more) and the measured peaks of its resident set (VmHWM) and private memory
    (USS = Private_Clean + Private_Dirty of /proc/self/smaps_rollup, sampled every 20 ms), each over
-   the estimate (issue 21's bound: 1.2). --streamed forces streamed sources (a 1-byte memory limit).
+   the estimate (issue 21's bound: 1.2). --limit sets the workers' memory limit (a small one streams
+   the sources); --family 7b takes random models of Llama-2-7B's widths instead (bench/variants.py).
 
 Run (results go to BENCHMARKS.md by hand), under flock on a shared machine:
     .venv/bin/python bench/bench_worker_memory.py [--candidates 5] [--threads N] [--part memory|time]
-    .venv/bin/python bench/bench_worker_memory.py --part real [--cases ties slerp ...] [--trials 3] [--streamed]
-Needs about 3 GiB of free memory and 1 GiB of disk in $TMPDIR (--part real: 4 GiB, the real model's family).
+    .venv/bin/python bench/bench_worker_memory.py --part real [--cases ties slerp ...] [--trials 3] [--limit 1]
+    .venv/bin/python bench/bench_worker_memory.py --part real --family 7b --layers 8 --limit 10G --trials 2
+Needs about 3 GiB of free memory and 1 GiB of disk in $TMPDIR (--part real: 4 GiB, the real model's family;
+--family 7b: 4 GB of disk per 8 layers and model, three models, and the limit's memory).
 """
 
 from __future__ import annotations
@@ -205,7 +208,7 @@ print(json.dumps({"plans": plans, "estimate": plan.total_bytes, "mode": plan.mod
                   "materialize_s": seconds}), flush=True)
 """
 
-# case -> the space it samples (over base, v1, v2: the real model and its two variants)
+# case -> the space it samples (over base, v1, v2: a model and its two variants), for models of 30 layers
 REAL_CASES = {
     "linear": {"kind": "weights", "method": "linear", "models": ["base", "v1", "v2"], "dtype": "bfloat16"},
     "task_arithmetic": {"kind": "weights", "method": "task_arithmetic", "models": ["v1", "v2"], "base": "base", "dtype": "bfloat16"},
@@ -223,6 +226,16 @@ REAL_CASES = {
         {"name": "blend", "kind": "slerp", "models": ["base", "v1"]},
         {"kind": "layout", "mode": "dus", "models": ["blend"], "m": [6, 10]}]},
 }
+
+
+def for_depth(spec: dict, layers: int) -> dict:
+    """A case's space for models of `layers` layers (REAL_CASES' layer counts are for 30)."""
+    text = json.dumps(spec)
+    if layers != 30:
+        text = text.replace('"m": [4, 12]', f'"m": [{max(1, layers // 8)}, {max(1, layers // 3)}]')
+        text = text.replace('"m": [6, 10]', f'"m": [{max(1, layers // 5)}, {max(1, layers // 3)}]')
+        text = text.replace('"every": [4, 8]', f'"every": [{max(2, layers // 4)}, {max(2, layers // 2)}]')
+    return json.loads(text)
 
 
 def sampled_recipes(spec: dict, paths: dict[str, str], trials: int, seed: int = 0) -> list[str]:
@@ -246,28 +259,34 @@ def sampled_recipes(spec: dict, paths: dict[str, str], trials: int, seed: int = 
     return out
 
 
-def real_table(cases: list[str], trials: int, streamed: bool, threads: int | None) -> None:
-    """Per case, one worker process on the real model: its estimate against its measured peaks."""
+def real_table(cases: list[str], trials: int, limit: str | None, threads: int | None, family: str, layers: int) -> None:
+    """Per case, one worker process on a model family: its estimate against its measured peaks."""
     sys.path.insert(0, str(REPO / "bench"))
-    from variants import smollm2_family
+    from variants import seven_b_family, smollm2_family
 
-    base, variants = smollm2_family(REPO / "bench" / "out" / "smollm2")
+    if family == "smollm2":
+        base, variants = smollm2_family(REPO / "bench" / "out" / "smollm2")
+        # perplexity of English text in batches of 2 x 512 tokens (the lmeval objective's CPU batch: 1024 tokens)
+        objective = {"tokens": 2048, "context": 512, "batch_size": 2}
+    else:
+        base, variants = seven_b_family(REPO / "bench" / "out" / "7b", layers=layers, count=2)
+        objective = {"tokens": 64, "context": 64, "batch_size": 1}  # a forward pass of 7B widths costs minutes per 1000 tokens here
     paths = {"base": str(base), "v1": str(variants[0]), "v2": str(variants[1])}
     text = REPO / "README.md"  # English text to score perplexity on
-    objectives = [{"kind": "perplexity", "path": str(text), "tokens": 2048, "context": 512, "batch_size": 2}]
+    objectives = [{"kind": "perplexity", "path": str(text), **objective}]
     env = {k: v for k, v in os.environ.items() if k != LIMIT_ENV}
     env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    if streamed:
-        env[LIMIT_ENV] = "1"
+    if limit:
+        env[LIMIT_ENV] = limit
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     gib = 1 << 30
-    print(f"sources: {base} + 2 variants; objective: perplexity, batches of 2 x 512 tokens; {trials} candidates per case; "
-          f"{'streamed (1-byte limit)' if streamed else 'memory as the machine has it'}; load before {os.getloadavg()[0]:.2f}\n")
+    print(f"sources: {base} + 2 variants; objective: perplexity, batches of {objective['batch_size']} x {objective['context']} tokens; "
+          f"{trials} candidates per case; memory limit {limit or 'none (what the machine has)'}; load before {os.getloadavg()[0]:.2f}\n")
     print("| case | mode | estimate GiB | peak RSS GiB | RSS / estimate | peak USS GiB | USS / estimate | materialize s per candidate | the worker's plan (last) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for case in cases:
-        recipes = sampled_recipes(REAL_CASES[case], paths, trials)
+        recipes = sampled_recipes(for_depth(REAL_CASES[case], 30 if family == "smollm2" else layers), paths, trials)
         args = {"models": paths, "objectives": objectives, "base_dir": str(REPO), "recipes": recipes}
         proc = subprocess.run([sys.executable, "-c", REAL_WORKER, json.dumps(args)], capture_output=True, text=True, env=env, cwd=REPO)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -287,10 +306,12 @@ def main() -> None:
     ap.add_argument("--part", choices=["memory", "time", "real"], default=None, help="run only one of the parts")
     ap.add_argument("--cases", nargs="+", choices=list(REAL_CASES), default=list(REAL_CASES), help="--part real: which cases")
     ap.add_argument("--trials", type=int, default=3, help="--part real: candidates per worker")
-    ap.add_argument("--streamed", action="store_true", help="--part real: force streamed sources")
+    ap.add_argument("--limit", default=None, help="--part real: MERGESEARCH_MEMORY_LIMIT for the workers (1: streamed, no cache)")
+    ap.add_argument("--family", choices=["smollm2", "7b"], default="smollm2", help="--part real: the sources")
+    ap.add_argument("--layers", type=int, default=8, help="--family 7b: layers of the 7B-wide models")
     args = ap.parse_args()
     if args.part == "real":
-        real_table(args.cases, args.trials, args.streamed, args.threads)
+        real_table(args.cases, args.trials, args.limit, args.threads, args.family, args.layers)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -144,6 +144,8 @@ class Materializer:
         before the first source loads from the sources of the model map (and of `plans`). A later recipe
         that needs more (a larger output, intermediates, a dtype conversion) raises the estimate (and
         `plan_raised`); the mode stays as decided."""
+        if self._memory is not None and not plans:
+            return self._memory
         need = memory_need(self, plans)
         if self._memory is None:
             mode = forced_mode(self._forced_mode, str(self.device)) if self._forced_mode is not None else None
@@ -261,9 +263,8 @@ class Materializer:
         (`plan(recipe)[-1].output.tensors`), e.g. views of memory-mapped safetensors
         files (search/engine/output.py's MappedShards): each result is computed into, or
         copied into, its buffer. `mergesearch merge` uses it to skip a copy of the
-        whole model. pages: optional, with populate(name) and release(name), called for each buffer
-        of `out` just before its tensor is computed and once it is written (MappedShards: the
-        process then holds one output tensor's pages at a time)."""
+        whole model. pages: optional, with release(name), called for each buffer of `out` once its
+        tensor is written (MappedShards: the process then holds one output tensor's pages at a time)."""
         plans = self.plan(recipe)
         return self._build(plans, seed, outputs=None if out is None else _GivenBuffers(out, pages))
 
@@ -342,8 +343,6 @@ class Materializer:
                 if streamed is None and self.streamed and k + 1 < len(jobs):
                     self._read_ahead(jobs[k + 1], earlier)
                 pages = getattr(outputs, "pages", None)
-                if pages is not None:
-                    pages.populate(job.name)
                 self._run_job(plan, job, earlier, ctx, staged, results, outputs)
                 if pages is not None:
                     pages.release(job.name)
@@ -549,12 +548,15 @@ def memory_need(mat: Materializer, plans: list | None = None) -> MemoryNeed:
     sources, seen, first_config = [], set(), None
     for name in dict.fromkeys(names):
         try:
-            path = mat.path(name).resolve()
-            if path in seen:
+            if name in mat._sources and not mat._sources[name].mapped:  # added as tensors (add_source)
+                key, size = ("added", name), sum(t.numel() * t.element_size() for t in mat._sources[name].tensors.values())
+            else:
+                key = mat.path(name).resolve()
+                size = source_bytes(name, key, mat.allow_pickle)
+            if key in seen:
                 continue
-            seen.add(path)
+            seen.add(key)
             info = mat.info(name)
-            size = source_bytes(name, path, mat.allow_pickle)
         except UserError:
             continue
         first_config = first_config or info.config
@@ -587,12 +589,14 @@ def _moe_bytes(mat: Materializer, recipe: MoERecipe) -> int:
 
 
 def _runtime_bytes(mat: Materializer) -> int:
-    """What the process holds already, measured once: its resident set on the CPU, torch's allocations on a GPU."""
+    """What the process holds already, measured once: its resident set on the CPU, torch's allocations on a
+    GPU; less the sources already in that memory (added as tensors), which the estimate counts as sources."""
     if mat._runtime is None:
-        if torch.device(mat.device).type == "cuda":
-            mat._runtime = torch.cuda.memory_allocated(torch.device(mat.device))
-        else:
-            mat._runtime = resident_set_bytes()
+        device = torch.device(mat.device)
+        held = resident_set_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+        loaded = sum(t.numel() * t.element_size() for s in mat._sources.values() if not s.mapped
+                     for t in s.tensors.values() if t.device.type == device.type)
+        mat._runtime = max(0, held - loaded)
     return mat._runtime
 
 

@@ -316,11 +316,6 @@ class MappedShards:
         for n, (shape, dtype) in specs.items():
             self.tensors.setdefault(n, torch.empty(shape, dtype=dtype))
 
-    def populate(self, name: str) -> None:
-        """Give tensor `name`'s pages to the process now, in one call (see _advise)."""
-        if name in self._regions:
-            _advise(*self._regions[name], _MADV_POPULATE_WRITE)
-
     def release(self, name: str) -> None:
         """Let go of tensor `name`'s pages: written, they are the page cache's (and the file's) now."""
         if name in self._regions:
@@ -343,17 +338,13 @@ class MappedShards:
         self.close()
 
 
-# Linux's madvise(MADV_POPULATE_WRITE) (5.14+): Python 3.11's mmap module lacks the name.
-_MADV_POPULATE_WRITE = getattr(__import__("mmap"), "MADV_POPULATE_WRITE", 23)
 _MADV_DONTNEED = getattr(__import__("mmap"), "MADV_DONTNEED", 4)
 
 
 def _advise(mapped, offset: int, length: int, advice: int) -> None:
-    """madvise over the whole pages of [offset, offset + length) of a shared file mapping.
-    MADV_POPULATE_WRITE gives them all in one call: left to page faults, one per 4 KiB written, they
-    cost 3-5x the arithmetic of a merge on this machine (0.6-0.9 s vs 0.17 s per 512 MiB).
-    MADV_DONTNEED unmaps them: for a shared file mapping their (written) contents stay in the page cache.
-    Where the kernel lacks either, nothing happens (the faults happen as before, the pages stay)."""
+    """madvise over the whole pages of [offset, offset + length) of a shared file mapping. MADV_DONTNEED
+    unmaps them: for a shared file mapping their (written) contents stay in the page cache. Where the
+    kernel lacks it, nothing happens (the pages stay)."""
     import mmap
 
     if length <= 0 or not hasattr(mapped, "madvise"):

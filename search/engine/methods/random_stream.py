@@ -70,16 +70,17 @@ class RandomStream:
         self.offset += n
 
     def uniform_bits(self, n: int, out: torch.Tensor, ctx: Context) -> torch.Tensor:
-        """out[:n] (int32) = the low 24 bits of the next n draws; the stream moves past them."""
+        """out[:n] (int32) = the low 24 bits of the next n draws; the stream moves past them. numpy writes
+        them straight into out's memory, one thread (no torch op: on a shared machine torch's threads stall)."""
         self._seek(ctx)
         gen = np.random.Generator(self._bits)
         flat = out[:n]
+        dest = flat.numpy().view(np.uint32)
         for start in range(0, n, _PIECE):
             end = min(n, start + _PIECE)
             # integers over the full uint32 range are the raw 32-bit outputs, one per draw
             raw = gen.integers(0, 1 << 32, size=end - start, dtype=np.uint32)
-            flat[start:end].copy_(torch.from_numpy(raw.view(np.int32)))
-        flat.bitwise_and_((1 << BITS) - 1)
+            np.bitwise_and(raw, (1 << BITS) - 1, out=dest[start:end])
         self.offset += n
         self._bits_at = self.offset
         if self.keyed:
@@ -125,5 +126,10 @@ def kept_bound(bound: int) -> int | None:
 
 
 def keep_bits(u: torch.Tensor) -> torch.Tensor:
-    """The kept form of 24-bit draws: their top 16 bits as int16, biased."""
-    return ((u >> KEPT_SHIFT) - KEPT_BIAS).to(torch.int16)
+    """The kept form of 24-bit draws (int32): their top 16 bits as int16, biased (numpy, piece by piece)."""
+    draws = u.numpy().view(np.uint32)
+    kept = np.empty(draws.shape, dtype=np.int16)
+    for start in range(0, draws.size, _PIECE):
+        top = np.right_shift(draws[start : start + _PIECE], KEPT_SHIFT).astype(np.int32)
+        np.subtract(top, KEPT_BIAS, out=kept[start : start + _PIECE], casting="unsafe")
+    return torch.from_numpy(kept)
