@@ -9,6 +9,8 @@ so no selection algorithm other than that very sort picks the same set.
 What does not depend on density is the sort. Its inverse, each element's rank (int32, 4 bytes an
 element), is computed once per task vector and kept (StatCache); a candidate's density is then
 one comparison per element, rank < k, inside the merge's pass (search/engine/methods/task_arithmetic.py).
+A rank computation holds the magnitudes (float32) and the sort's indices (int64): 12 bytes an
+element, which search/engine/memory_estimate.py counts.
 """
 
 from __future__ import annotations
@@ -16,13 +18,6 @@ from __future__ import annotations
 import torch
 
 from search.engine.methods.base import Context, pieces
-
-# Bytes per element of the task vector: a rank computation holds the magnitudes (4, float32) and the
-# sort's indices (8); the ranks (int32) then take the magnitudes' place. Counted in the worker's
-# memory estimate (search/engine/memory_estimate.py).
-SORT_BYTES_PER_ELEMENT = 12
-RANK_BYTES_PER_ELEMENT = 4
-
 
 def kept_count(density: float, n: int) -> int | None:
     """mergekit's k for a density: None when it keeps everything (density >= 1), 0 when nothing."""

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from search.engine.methods.base import CHUNK, Context, Inputs, Method
+from search.engine.methods.base import CHUNK, DEVICE_PIECE, Context, Inputs, Method
 from search.engine.methods.lanes import run_pieces
 from search.engine.parameters import ParamSpec
 
@@ -32,7 +32,8 @@ EPS = 1e-7  # mergekit's rescale guard
 # CPU pieces: a quarter of CHUNK, so that the ~8 bytes an element the pass keeps per model stay in L2.
 FAMILY_PIECE = CHUNK // 4
 # Scratch slots (Context.scratch) of this family's passes.
-_DELTAS, _SIGN, _SIGN_MASK, _AGREE, _PRODUCT, _SUMMED, _MAJORITY_BOOL, _MAJORITY, _MIXED, _DIVISOR, _WORK, _KEEP, _FULL = range(10, 23)
+(_DELTAS, _SIGN, _SIGN_MASK, _AGREE, _AGREE_AS_DTYPE, _PRODUCT, _SUMMED, _MAJORITY_BOOL, _MAJORITY, _MIXED, _WORK, _KEEP,
+ _FULL) = range(10, 23)
 
 
 @dataclass
@@ -49,8 +50,6 @@ KEEP_ALL = Selection()
 
 # sparsify(inputs, input index, density, rescale, ctx) -> Selection
 Sparsifier = Callable[[Inputs, int, float, bool, Context], Selection]
-# consensus: the sign consensus of ties.py, or None
-Consensus = bool
 
 
 def family_params(default_normalize: bool, default_rescale: bool) -> tuple[ParamSpec, ...]:
@@ -65,8 +64,6 @@ def family_params(default_normalize: bool, default_rescale: bool) -> tuple[Param
 
 
 def piece_length(t: torch.Tensor) -> int:
-    from search.engine.methods.base import DEVICE_PIECE
-
     return FAMILY_PIECE if t.device.type == "cpu" else DEVICE_PIECE
 
 
@@ -85,17 +82,6 @@ def l1_norms_apply(masked: torch.Tensor, scale: tuple[torch.Tensor, torch.Tensor
             masked.mul_(before / after)
         return masked
     return torch.where((before < EPS) | (after < EPS), masked, masked * (before / after), out=masked)
-
-
-def rescaled_masked(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = EPS,
-                    on_device: bool | None = None) -> torch.Tensor:
-    """tensor * mask, scaled back to the L1 norm of tensor when rescale: the whole-tensor form of a Selection.
-    on_device: decide on the device whether to scale (default: off the CPU)."""
-    masked = tensor * mask
-    if not rescale:
-        return masked
-    scale = (tensor.abs().sum(), masked.abs().sum())
-    return l1_norms_apply(masked, scale, tensor.device.type != "cpu" if on_device is None else on_device)
 
 
 def l1_norm(inputs: Inputs, i: int, work: torch.dtype, keep, ctx: Context) -> torch.Tensor:
@@ -144,8 +130,9 @@ def generalized_merge(
     per_input: list[dict],
     ctx: Context,
     sparsify: Sparsifier | None = None,
-    consensus: Consensus = False,
+    consensus: bool = False,
 ) -> torch.Tensor:
+    """The family's merge of one tensor; sparsify: TIES's or DARE's selection; consensus: TIES's sign consensus."""
     base = inputs.base
     others = [i for i in range(len(inputs.tensors)) if i != inputs.base_index]
     if not others:
@@ -201,6 +188,9 @@ def _sign_consensus(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: tor
     majority = ctx.scratch((_MAJORITY, lane), c, mask_dtype, device).copy_(positive)
     majority.mul_(2).sub_(1)
     agree = torch.eq(sign, majority, out=ctx.scratch((_AGREE, lane), m * c, torch.bool, device).view(m, c))
+    # x * agree promotes the bool mask to x's dtype (1 or 0) element by element, a slow path on the
+    # CPU; converted once, both products below run on the fast same-dtype one (the same values)
+    agree = ctx.scratch((_AGREE_AS_DTYPE, lane), m * c, dtype, device).view(m, c).copy_(agree)
     product = ctx.scratch((_PRODUCT, lane), m * c, dtype, device).view(m, c)
     torch.sum(torch.mul(deltas, agree, out=product), dim=0, out=mixed)
     divisor = torch.sum(torch.mul(weights, agree, out=product), dim=0, out=summed)
