@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.engine.errors import UserError
-from search.engine.memory_estimate import MemoryNeed, cache_bound, gib
+from search.engine.memory_estimate import ALLOCATOR_SLACK, MemoryNeed, cache_bound, gib
 
 RESIDENT = "resident"  # sources copied once onto the worker's GPU
 SHARED_MMAP = "shared-mmap"  # CPU: sources are views of the files' page cache, shared by the node's workers
@@ -58,7 +58,7 @@ class MemoryPlan:
         sources = f"sources {gib(n.sources)}" + (" (the jobs in flight)" if self.mode == STREAMED else "")
         return (
             f"sources {self.mode}: runtime {gib(n.runtime)} + {sources} + candidate {gib(n.candidate)} + "
-            f"merge temporaries {gib(n.temporaries)} + evaluation {gib(n.evaluation)} + "
+            f"merge temporaries {gib(n.temporaries)} + evaluation {gib(n.evaluation)} + allocator {gib(ALLOCATOR_SLACK)} + "
             f"cache {gib(self.cache_bytes)} (of {gib(n.cache_useful)} usable) = {gib(self.total_bytes)} "
             f"{relation} {gib(self.available_bytes)} available ({self.limit_from})"
         )
