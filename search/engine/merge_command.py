@@ -26,6 +26,7 @@ from pathlib import Path
 
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
+from search.engine.omp_wait import sleep_when_idle
 from search.engine.recipe import MoERecipe, Recipe
 
 
@@ -162,6 +163,7 @@ def build(
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
+    sleep_when_idle()  # before torch loads OpenMP (search/engine/omp_wait.py)
     from search.engine.materialize import Materializer, resolve_model_path
 
     models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}

@@ -25,6 +25,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from search.engine.omp_wait import sleep_when_idle
+
+sleep_when_idle()  # a Ray actor imports this module before torch (search/engine/omp_wait.py)
+
 # A stage: the (objective index, fidelity) pairs scored in one round trip.
 StageJobs = list[tuple[int, Any]]
 
