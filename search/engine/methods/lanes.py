@@ -15,6 +15,7 @@ torch's own thread count, as mergekit runs them.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
@@ -26,6 +27,8 @@ R = TypeVar("R")
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
+# A forked child has none of its parent's threads: it makes its own pools (a pool without threads would hang).
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def lane_count(device: torch.device | str = "cpu") -> int:
