@@ -60,7 +60,7 @@ def test_a_baseline_scores_what_its_recipe_builds(baseline_run, zoo):
     model = Materializer(spec.models).materialize(recipes.loads(fst["recipe"]))
     assert fst["values"][0] == state_fingerprint(model.state_dict())
     assert state_fingerprint(model.state_dict()) == state_fingerprint(
-        Materializer(spec.models).materialize(recipes.loads(f"merge_method: passthrough\nmodels:\n  - model: fst\n")).state_dict())
+        Materializer(spec.models).materialize(recipes.loads("merge_method: passthrough\nmodels:\n  - model: fst\n")).state_dict())
 
 
 def test_baselines_in_the_space_teach_the_study_but_do_not_count_as_trials(baseline_run):

@@ -27,6 +27,7 @@ from pathlib import Path
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
 from search.engine.lora import split_adapter
+from search.engine.omp_wait import sleep_when_idle
 from search.engine.recipe import MoERecipe, Recipe
 from search.engine.tokenizer_config import stage_setting
 
@@ -168,6 +169,7 @@ def build(
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
+    sleep_when_idle()  # before torch loads OpenMP (search/engine/omp_wait.py)
     from search.engine.materialize import Materializer, resolve_adapter_path, resolve_model_path
 
     models = {}  # every model and adapter folder, by the name the recipe gives it (`model+adapter`: each part)
@@ -179,8 +181,9 @@ def build(
     device = _check_device(device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
-    # One build: a recipe `dtype:` is converted tensor by tensor, not kept as a copy of the sources.
-    materializer = Materializer(models, device, allow_pickle=allow_pickle, keep_converted=False)
+    # One build: nothing is kept for a next candidate (no cache; a recipe `dtype:` converted tensor by
+    # tensor, not kept as a copy of the sources), and each source tensor's pages are let go once used.
+    materializer = Materializer(models, device, allow_pickle=allow_pickle, one_shot=True)
     recipe_arg = stages if len(stages) > 1 else stages[0]
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
@@ -208,7 +211,7 @@ def build(
             # straight into them (no copy of the model in memory, no write pass).
             with output.MappedShards(tmp, specs, shard_size) as shards:
                 progress(f"merging ({what}) into {', '.join(shards.file_names)}")
-                config, tensors = materializer.state_dict(recipe_arg, seed=seed, out=shards.tensors)
+                config, tensors = materializer.state_dict(recipe_arg, seed=seed, out=shards.tensors, pages=shards)
                 count, size = len(tensors), shards.total_size
                 del tensors  # views of the mapped files: let them close
         else:

@@ -297,6 +297,7 @@ class MappedShards:
         self.file_names = self.layout.file_names
         self.total_size = self.layout.total_size
         self._maps = []
+        self._regions: dict[str, tuple] = {}  # name -> (its file's map, byte offset, byte length)
         self.tensors = {}
         for f in self.file_names:
             with open(self.folder / f, "wb+") as fh:
@@ -304,16 +305,21 @@ class MappedShards:
                 fh.truncate(self.layout.file_sizes[f])
                 if self.layout.file_sizes[f] > len(self.layout.headers[f]):
                     self._maps.append(mmap.mmap(fh.fileno(), self.layout.file_sizes[f]))
-                    _populate_for_writing(self._maps[-1])
                     data = torch.frombuffer(self._maps[-1], dtype=torch.uint8)
                     for n, where in self.layout.weight_map.items():
                         if where == f:
                             shape, dtype = specs[n]
                             o = self.layout.offsets[n]
                             self.tensors[n] = data[o : o + self.layout.nbytes[n]].view(dtype).view(tuple(shape))
+                            self._regions[n] = (self._maps[-1], o, self.layout.nbytes[n])
                     del data
         for n, (shape, dtype) in specs.items():
             self.tensors.setdefault(n, torch.empty(shape, dtype=dtype))
+
+    def release(self, name: str) -> None:
+        """Let go of tensor `name`'s pages: written, they are the page cache's (and the file's) now."""
+        if name in self._regions:
+            _advise(*self._regions[name], _MADV_DONTNEED)
 
     def close(self) -> None:
         self.tensors.clear()
@@ -332,19 +338,22 @@ class MappedShards:
         self.close()
 
 
-# Linux's madvise(MADV_POPULATE_WRITE) (5.14+): Python 3.11's mmap module lacks the name.
-_MADV_POPULATE_WRITE = getattr(__import__("mmap"), "MADV_POPULATE_WRITE", 23)
+_MADV_DONTNEED = getattr(__import__("mmap"), "MADV_DONTNEED", 4)
 
 
-def _populate_for_writing(mapped) -> None:
-    """Give a fresh shared mapping all its pages in one call. Left to page faults, one per
-    4 KiB written, they cost 3-5x the arithmetic of a merge on this machine (0.6-0.9 s vs
-    0.17 s per 512 MiB); where the kernel lacks it, the faults happen as before."""
-    if hasattr(mapped, "madvise"):
-        try:
-            mapped.madvise(_MADV_POPULATE_WRITE)
-        except OSError:
-            pass
+def _advise(mapped, offset: int, length: int, advice: int) -> None:
+    """madvise over the whole pages of [offset, offset + length) of a shared file mapping. MADV_DONTNEED
+    unmaps them: for a shared file mapping their (written) contents stay in the page cache. Where the
+    kernel lacks it, nothing happens (the pages stay)."""
+    import mmap
+
+    if length <= 0 or not hasattr(mapped, "madvise"):
+        return
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mapped.madvise(advice, start, length + offset - start)
+    except (OSError, ValueError):
+        pass
 
 
 def _numel(shape) -> int:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from search.engine.errors import UserError
 from search.engine.method_params import PARAMS
 from search.engine.parameters import ParamSpec, layer_position, resolve
-from search.engine.recipe import Conditional, InputSlice, MergeRecipe, MoERecipe, OutputSlice, Recipe, to_dict
+from search.engine.recipe import Conditional, InputSlice, MergeRecipe, OutputSlice, Recipe, to_dict
 
 MAX_FILTERS = 8  # 2^8 probe names per tensor position; recipes hold a handful of filters
 _JOIN = "\x00"  # in no filter: a probe name contains exactly the filters it joins (and their substrings)

@@ -33,17 +33,17 @@ def donor(stage: Recipe) -> str:
 
 class StageTokenizers:
     """Tokenizers and vocabularies for a Materializer. folder(name): the folder of a source model (its
-    base model's, for a model with an adapter); vocab_size(name): its config's vocab_size."""
+    base model's, for a model with an adapter); vocab_size(name): its config's vocab_size; cache: the
+    Materializer's statistics cache, which keeps re-indexed embeddings within the memory its plan accounts for."""
 
-    def __init__(self, folder: Callable[[str], Path], vocab_size: Callable[[str], int | None], cache_bytes: int = 2 << 30):
+    def __init__(self, folder: Callable[[str], Path], vocab_size: Callable[[str], int | None], cache: StatCache):
         self.folder = folder
         self.vocab_size = vocab_size
         self._shared: dict[str, "transformers.PreTrainedTokenizerBase | None"] = {}  # folder -> tokenizer
         self._vocabularies: dict[Hashable, Vocabulary] = {}
         self._row_plans: dict[Hashable, RowPlan] = {}
-        # re-indexed embeddings per source set, least recently used dropped past cache_bytes (a search may
-        # pick many sets of models)
-        self._reindexed = StatCache(cache_bytes)
+        # re-indexed embeddings per source set (a search may pick many sets of models)
+        self._reindexed = cache
 
     # ---- where a stage's tokenizer comes from ------------------------------------
 
@@ -139,7 +139,7 @@ class StageTokenizers:
         keys = [None if k is None else (*k, "vocabulary", id(plan.vocabulary)) for k in keys]
         if any(k is None for k in keys):
             return apply_rows(row_plan, tensors, axis), keys
-        return self._reindexed.get((id(row_plan), tuple(keys)), lambda: apply_rows(row_plan, tensors, axis)), keys
+        return self._reindexed.get(("reindexed", id(row_plan), tuple(keys)), lambda: apply_rows(row_plan, tensors, axis)), keys
 
 
 def load_tokenizer(folder: str | Path) -> "transformers.PreTrainedTokenizerBase | None":
