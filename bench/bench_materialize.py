@@ -12,10 +12,18 @@ mergekit's in-memory API and with a plain copy of the same bytes.
 2. The SOLAR layout (seeds/solar-depth-upscale.yml: layers [0, 24] + [8, 32] of one
    32-layer Mistral) materialized at two widths: aliasing makes its time independent
    of the width.
+3. Per merge method (--methods), a model family from disk (--model: smollm2, the real model
+   SmolLM2-135M-Instruct and two seeded variants of it; tinyllama, the 1.1B-shaped model and
+   two variants; bench/variants.py), mapped as a worker maps its sources: a new candidate per call
+   (new weights, densities or t), ours per candidate after one warm-up candidate (the one that
+   computes what later candidates reuse: TIES's ranks, DARE's draws, slerp's statistics) vs
+   `merge_state_dicts` given the same per-tensor parameters vs a plain copy of one model's bytes.
 
-Run (results go to BENCHMARKS.md by hand):
-    .venv/bin/python bench/bench_materialize.py [--candidates 8] [--skip-mergekit] [--threads N]
-Needs about 12 GiB of free memory.
+Run (results go to BENCHMARKS.md by hand), under flock on a shared machine:
+    .venv/bin/python bench/bench_materialize.py [--candidates 8] [--skip-mergekit] [--threads N] [--only slerp|solar]
+    .venv/bin/python bench/bench_materialize.py --only family --model smollm2 [--methods ties dare_ties ...]
+    .venv/bin/python bench/bench_materialize.py --only family --model tinyllama --methods ties --mergekit-runs 1
+Needs about 12 GiB of free memory (the tinyllama family: ~10 GiB with TIES's ranks).
 """
 
 from __future__ import annotations
@@ -38,6 +46,10 @@ from search.engine.materialize import Materializer  # noqa: E402
 from search.engine.recipe import load, loads  # noqa: E402
 from search.engine.sources import SourceModel  # noqa: E402
 from tinyllama import TINYLLAMA  # noqa: E402
+from variants import smollm2_family, tinyllama_family  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FAMILY_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear")
 
 SEEDS = Path(__file__).resolve().parents[2] / "shared" / "seeds"
 
@@ -209,21 +221,115 @@ def bench_solar(args) -> None:
         gc.collect()
 
 
+def family_recipe(method: str, k: int, layers: int) -> str:
+    """Candidate k of a method over base + v1 + v2: new weights, densities or t-curves each time."""
+    g = torch.Generator().manual_seed(100 + k)
+
+    def r(lo: float, hi: float) -> float:
+        return round(lo + (hi - lo) * float(torch.rand(1, generator=g)), 3)
+
+    if method == "slerp":
+        attn, mlp = [r(0.05, 0.95) for _ in range(5)], [r(0.05, 0.95) for _ in range(5)]
+        return phigment_curve_recipe("base", "v1", attn, mlp, r(0.05, 0.95), layers)
+    if method == "linear":
+        return "models:\n" + "".join(f"  - model: {m}\n    parameters: {{weight: {r(0.1, 1)}}}\n" for m in ("base", "v1", "v2")) + "merge_method: linear\ndtype: bfloat16\n"
+    lines = ["models:", "  - model: base"]
+    for m in ("v1", "v2"):
+        params = f"weight: {r(0.2, 1)}" + ("" if method == "task_arithmetic" else f", density: {r(0.2, 0.9)}")
+        lines += [f"  - model: {m}", f"    parameters: {{{params}}}"]
+    return "\n".join(lines + [f"merge_method: {method}", "base_model: base", "dtype: bfloat16", ""])
+
+
+def mergekit_parameters(plan) -> dict:
+    """The plan's per-tensor parameters as merge_state_dicts takes them (PerGroupValues over the tensors)."""
+    from mergekit.merge_methods.base import PerGroupValues
+
+    jobs = plan.jobs
+    out = {}
+    for name in jobs[0].shared:
+        out[name] = PerGroupValues([j.shared[name] for j in jobs])
+    for name in {k for j in jobs for p in j.per_input for k in p}:
+        out[name] = PerGroupValues([{m: p[name] for m, p in zip(j.models, j.per_input) if name in p} for j in jobs])
+    return out
+
+
+def bench_family(args) -> None:
+    """Per method, candidates built in memory from a mapped model family: ours vs merge_state_dicts vs a copy."""
+    if args.model == "smollm2":
+        base, variants = smollm2_family(REPO / "bench" / "out" / "smollm2")
+        layers = 30
+    else:
+        base, variants = tinyllama_family(REPO / "bench" / "out" / "models")
+        layers = 22
+    paths = {"base": base, "v1": variants[0], "v2": variants[1]}
+    for folder in paths.values():  # in the page cache before anything is timed (a worker's sources are, after its first candidate)
+        with open(Path(folder) / "model.safetensors", "rb") as fh:
+            while fh.read(1 << 26):
+                pass
+    print(f"model family: {args.model} ({base}); torch threads {torch.get_num_threads()}; load before {os.getloadavg()[0]:.2f}")
+    print("| method | first candidate s | per candidate s (median) | GB/s (inputs read + output written) | copy GB/s | vs copy | cache kept GiB | mergekit s | speed-up |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method in args.methods:
+        mat = Materializer(paths, memory_limit=1 << 50)
+        seed = 1 if method.startswith("dare") else None
+        recipes = [loads(family_recipe(method, k, layers)) for k in range(args.candidates)]
+        first = timed(lambda: mat.materialize(recipes[0], seed=seed))[0]
+        src = mat.source("base").tensors
+        model_bytes = sum(t.numel() * t.element_size() for t in src.values())
+        inputs = 2 if method == "slerp" else 3
+        dst = {k: torch.empty_like(v) for k, v in src.items()}
+        for v in dst.values():
+            v.zero_()
+
+        def copy_all():
+            for k, v in src.items():
+                dst[k].copy_(v)
+
+        ours, copies = [], []
+        for r in recipes[1:]:
+            ours += timed(lambda: mat.materialize(r, seed=seed))
+            copies += timed(copy_all)
+        del dst
+        t, c = statistics.median(ours), statistics.median(copies)
+        bw, copy_bw = (inputs + 1) * model_bytes / t / 1e9, 2 * model_bytes / c / 1e9
+        mk_cell, speed = "skipped", ""
+        if not args.skip_mergekit:
+            from mergekit.merge_methods.api import merge_state_dicts
+
+            mk = []
+            for r in recipes[1 : 1 + args.mergekit_runs]:
+                (plan,) = mat.plan(r)
+                models = {m: mat.source(m).tensors for m in plan.jobs[0].models}
+                params = mergekit_parameters(plan)
+                if seed is not None:
+                    torch.manual_seed(seed)
+                mk += timed(lambda: merge_state_dicts(models, method, parameters=params, base=plan.jobs[0].models[plan.jobs[0].base_index] if plan.jobs[0].base_index is not None else None))
+            mk_cell, speed = f"{statistics.median(mk):.2f}", f"{statistics.median(mk) / t:.1f}x"
+        print(f"| {method} | {first:.2f} | {t:.3f} ({', '.join(f'{x:.2f}' for x in ours)}) | {bw:.1f} | {copy_bw:.1f} | {100 * bw / copy_bw:.0f}% | "
+              f"{mat.cache.bytes / 2**30:.2f} | {mk_cell} | {speed} |", flush=True)
+        del mat
+        gc.collect()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--candidates", type=int, default=8, help="t-curves to build; the first two are warm-up")
     p.add_argument("--mergekit-runs", type=int, default=2)
     p.add_argument("--skip-mergekit", action="store_true")
     p.add_argument("--solar-widths", type=int, nargs=2, default=[512, 2048])
-    p.add_argument("--only", choices=["slerp", "solar"])
+    p.add_argument("--only", choices=["slerp", "solar", "family"])
+    p.add_argument("--model", choices=["smollm2", "tinyllama"], default="smollm2", help="the family of --only family")
+    p.add_argument("--methods", nargs="+", choices=FAMILY_METHODS, default=list(FAMILY_METHODS))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.only != "solar":
+    if args.only in (None, "slerp"):
         bench_slerp(args)
-    if args.only != "slerp":
+    if args.only in (None, "solar"):
         bench_solar(args)
+    if args.only in (None, "family"):
+        bench_family(args)
 
 
 if __name__ == "__main__":

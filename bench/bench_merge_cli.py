@@ -1,21 +1,29 @@
-"""Benchmark: `mergesearch merge` vs `mergekit-yaml`, end to end, on a TinyLlama-1.1B-shaped pair.
+"""Benchmark: `mergesearch merge` vs `mergekit-yaml`, end to end, per native merge method: time and peak memory.
 
-Two random bf16 models shaped like TinyLlama-1.1B (hidden 2048, intermediate 5632,
-22 layers, 32 heads, 4 KV heads, vocab 32000) are written once as safetensors under
-bench/out/, then merged with seeds/phigment6-slerp.yml's t-curves (its layer range
-set to the pair's 22 layers) by both tools, alternating, each run a fresh process.
-Both outputs are checked to hold the same tensors, bit for bit.
+Models (--model):
+- smollm2: the real model, SmolLM2-135M-Instruct (tests/real_model.py; 30 layers, GQA, tied
+  embeddings, bf16, 270 MB), and two seeded variants of it (bench/variants.py);
+- tinyllama: a TinyLlama-1.1B-shaped random bf16 model (bench/tinyllama.py; 2.2 GB) and two variants.
 
-    .venv/bin/python bench/bench_merge_cli.py [--repeats 3] [--out bench/out]
+Per method, one recipe over the base and its variants (`recipes`): linear, slerp (phigment6's
+t-curves), task_arithmetic, ties, dare_ties, dare_linear (--random-seed 1 for both tools) and
+passthrough (layers [0, 2n/3) of the base then [n/3, n) of a variant, as SOLAR stacks them).
+Both tools run as fresh processes, alternating (the order flips every repeat), each run's output
+folder removed and `sync`ed away first, the sources in the page cache for both. Peak memory is
+each process's own peak resident set (GNU time's %M). After the runs both
+outputs are compared tensor by tensor, bit for bit.
 
-Not a test: it needs ~10 GiB of disk and several GiB of memory, and takes minutes.
-Target (issue 2): mergesearch at least 3x faster than mergekit-yaml.
+    flock /work/heavy.lock .venv/bin/python bench/bench_merge_cli.py --model smollm2 [--methods ties dare_ties] [--repeats 3]
+    flock /work/heavy.lock .venv/bin/python bench/bench_merge_cli.py --model tinyllama --methods slerp --dtype seed
+
+Not a test: tinyllama needs ~12 GB of disk and several GiB of memory, and takes many minutes.
+Targets (issue 21): merge at least 5x faster than mergekit-yaml on the real model for every native
+method, and never a higher peak resident set than mergekit-yaml's (both models).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,123 +35,154 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import save_file
-from tinyllama import TINYLLAMA, tinyllama_tensors
+from variants import smollm2_family, tinyllama_family
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO.parent / "shared" / "seeds" / "phigment6-slerp.yml"
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-def make_pair(root: Path) -> tuple[Path, Path]:
-    sys.path.insert(0, str(REPO / "tests"))
-    from standins import make_tokenizer
-
-    folders = []
-    for name, seed in (("tinyllama-a", 1), ("tinyllama-b", 2)):
-        folder = root / name
-        if not (folder / "model.safetensors").exists():
-            print(f"writing {folder} ...", flush=True)
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(tinyllama_tensors(seed), folder / "model.safetensors", metadata={"format": "pt"})
-            (folder / "config.json").write_text(json.dumps(TINYLLAMA, indent=2))
-            make_tokenizer().save_pretrained(folder)
-        folders.append(folder)
-    return folders[0], folders[1]
+METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "passthrough")
+RANDOM_SEED = 1
 
 
-def recipe_for(a: Path, b: Path, dtype: str | None) -> str:
-    """phigment6-slerp.yml with the pair's paths and 22-layer range; its t-curves unchanged.
+def recipes(base: Path, variants: list[Path], layers: int, dtype: str | None) -> dict[str, str]:
+    """One recipe per method over `base` and its variants (mergekit's YAML)."""
+    b, v1, v2 = str(base), str(variants[0]), str(variants[1])
+    family = {"weights": [0.6, 0.4], "densities": [0.5, 0.3]}
+    out = {
+        "linear": {"models": [{"model": m, "parameters": {"weight": w}} for m, w in ((b, 0.5), (v1, 0.3), (v2, 0.2))],
+                   "merge_method": "linear"},
+        "slerp": _phigment_slerp(b, v1, layers),
+        "passthrough": {"slices": [{"sources": [{"model": b, "layer_range": [0, 2 * layers // 3]}]},
+                                   {"sources": [{"model": v1, "layer_range": [layers // 3, layers]}]}],
+                        "merge_method": "passthrough"},
+    }
+    for method in ("task_arithmetic", "ties", "dare_ties", "dare_linear"):
+        models = [{"model": b}]
+        for m, w, d in zip((v1, v2), family["weights"], family["densities"]):
+            params = {"weight": w} if method == "task_arithmetic" else {"weight": w, "density": d}
+            models.append({"model": m, "parameters": params})
+        out[method] = {"models": models, "merge_method": method, "base_model": b}
+    for cfg in out.values():
+        cfg.setdefault("dtype", dtype or "bfloat16")
+    return {k: yaml.safe_dump(v, sort_keys=False) for k, v in out.items()}
 
-    dtype: the recipe's `dtype:`; None keeps the seed's own (float16, which makes both
-    tools convert the bf16 pair), else e.g. bfloat16, the pair's dtype."""
+
+def _phigment_slerp(a: str, b: str, layers: int) -> dict:
+    """seeds/phigment6-slerp.yml with these models and their layer range; its t-curves unchanged."""
     cfg = yaml.safe_load(SEED.read_text())
-    if dtype:
-        cfg["dtype"] = dtype
-    n = TINYLLAMA["num_hidden_layers"]
-    cfg["slices"][0]["sources"] = [
-        {"model": str(a), "layer_range": [0, n]},
-        {"model": str(b), "layer_range": [0, n]},
-    ]
-    cfg["base_model"] = str(a)
-    return yaml.safe_dump(cfg, sort_keys=False)
+    cfg["slices"][0]["sources"] = [{"model": a, "layer_range": [0, layers]}, {"model": b, "layer_range": [0, layers]}]
+    cfg["base_model"] = a
+    cfg.pop("dtype", None)
+    return cfg
 
 
-def timed(cmd: list) -> float:
+def timed(cmd: list, scratch: Path) -> tuple[float, int]:
+    """(seconds, peak resident set in bytes) of one run of `cmd`.
+
+    The peak is GNU time's (%M): a process's peak resident set counts what it held before it exec'd,
+    so a tool forked straight from this process (torch imported: ~0.7 GiB) would start from ours;
+    /usr/bin/time forks it from its own few MiB."""
+    report = scratch / "peak-kib"
     start = time.perf_counter()
-    r = subprocess.run([str(c) for c in cmd], env=ENV, capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(report), *[str(c) for c in cmd]], env=ENV,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
-    if r.returncode != 0:
-        sys.exit(f"{cmd[0]} failed:\n{r.stderr[-3000:]}")
-    return elapsed
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} failed:\n{proc.stderr[-3000:]}")
+    return elapsed, int(report.read_text().split()[-1]) * 1024
 
 
-def _loadavg() -> str:
+def loadavg() -> str:
     p = Path("/proc/loadavg")
     return p.read_text().split()[0] if p.exists() else "?"
 
 
+def read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
 def same_tensors(x: Path, y: Path) -> tuple[int, int]:
-    """(tensors compared, tensors whose bits differ) between two single-file outputs."""
+    """(tensors compared, tensors whose bits differ) between two output folders."""
+    a, b = read_folder(x), read_folder(y)
+    if sorted(a) != sorted(b):
+        sys.exit(f"the two outputs hold different tensor names: {sorted(set(a) ^ set(b))[:5]}")
     differ = 0
-    with safe_open(x / "model.safetensors", "pt") as fx, safe_open(y / "model.safetensors", "pt") as fy:
-        names = sorted(fx.keys())
-        if names != sorted(fy.keys()):
-            sys.exit("the two outputs hold different tensor names")
-        for k in names:
-            a, b = fx.get_tensor(k), fy.get_tensor(k)
-            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)):
-                differ += 1
-    return len(names), differ
+    for k in a:
+        p, q = a[k], b[k]
+        if p.dtype != q.dtype or p.shape != q.shape or not torch.equal(p.reshape(-1).view(torch.uint8), q.reshape(-1).view(torch.uint8)):
+            differ += 1
+    return len(a), differ
+
+
+def warm(paths: list[Path]) -> None:
+    """Read the sources once, so that neither tool pays the first read from disk."""
+    for p in paths:
+        with open(p / "model.safetensors", "rb") as fh:
+            while fh.read(1 << 26):
+                pass
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "tinyllama"], default="smollm2")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "out")
-    ap.add_argument("--dtype", default="bfloat16", help="the recipe's dtype (default bfloat16, the pair's); 'seed' keeps float16")
+    ap.add_argument("--dtype", default="bfloat16", help="the recipes' dtype (default bfloat16, the models'); 'seed' gives slerp phigment6's float16")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both tools (default: torch's own)")
     args = ap.parse_args()
     if args.threads:
         ENV["OMP_NUM_THREADS"] = str(args.threads)
     root = args.out.resolve()
-    a, b = make_pair(root / "models")
-    dtype = None if args.dtype == "seed" else args.dtype
-    recipe = root / f"tinyllama-slerp-{dtype or 'seed'}.yml"
-    recipe.write_text(recipe_for(a, b, dtype))
-    ours_out, theirs_out = root / "merged-mergesearch", root / "merged-mergekit"
+    if args.model == "smollm2":
+        base, variants = smollm2_family(root / "smollm2")
+        layers = 30
+    else:
+        base, variants = tinyllama_family(root / "models")
+        layers = 22
+    texts = recipes(base, variants, layers, None if args.dtype == "seed" else args.dtype)
+    if args.dtype == "seed":
+        texts["slerp"] = texts["slerp"].replace("dtype: bfloat16", "dtype: float16")
+    warm([base, *variants])
 
-    ours_cmd = [BIN / "mergesearch", "merge", recipe, ours_out, "-q"]
-    theirs_cmd = [BIN / "mergekit-yaml", recipe, theirs_out]
-    # warm the page cache with the sources so neither tool pays the first read
-    for f in (a, b):
-        with open(f / "model.safetensors", "rb") as fh:
-            while fh.read(1 << 26):
-                pass
+    rows = []
+    for method in args.methods:
+        recipe = root / f"{args.model}-{method}.yml"
+        recipe.write_text(texts[method])
+        seed = ["--random-seed", str(RANDOM_SEED)] if method.startswith("dare") else []
+        ours_out, theirs_out = root / f"merged-mergesearch-{method}", root / f"merged-mergekit-{method}"
+        tools = [("mergesearch merge", [BIN / "mergesearch", "merge", recipe, ours_out, "-q", *seed], ours_out),
+                 ("mergekit-yaml", [BIN / "mergekit-yaml", recipe, theirs_out, *seed], theirs_out)]
+        runs: dict[str, list[tuple[float, int]]] = {name: [] for name, _, _ in tools}
+        loads = []
+        for r in range(args.repeats):
+            for name, cmd, out in (tools if r % 2 == 0 else tools[::-1]):
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                loads.append(loadavg())
+                runs[name].append(timed(cmd, root))
+                s, peak = runs[name][-1]
+                print(f"{method:16s} run {r + 1}: {name:18s} {s:7.2f} s  peak RSS {peak / 2**30:.2f} GiB  (load before {loads[-1]})", flush=True)
+        n, differ = same_tensors(ours_out, theirs_out)
+        for _, _, out in tools:
+            shutil.rmtree(out, ignore_errors=True)
+        ours, theirs = runs["mergesearch merge"], runs["mergekit-yaml"]
+        rows.append((method, ours, theirs, n, differ, f"{min(loads)}-{max(loads)}"))
 
-    load_before = _loadavg()
-    times: dict[str, list[float]] = {"mergesearch merge": [], "mergekit-yaml": []}
-    for r in range(args.repeats):
-        order = [("mergesearch merge", ours_cmd, ours_out), ("mergekit-yaml", theirs_cmd, theirs_out)]
-        if r % 2:
-            order.reverse()
-        for name, cmd, out in order:
-            shutil.rmtree(out, ignore_errors=True)  # each run starts with no output folder
-            os.sync()  # and with no dirty pages of the previous run still being written back
-            load = _loadavg()
-            times[name].append(timed(cmd))
-            print(f"run {r + 1}: {name:18s} {times[name][-1]:6.2f} s   (1-min load average before: {load})", flush=True)
-
-    n, differ = same_tensors(ours_out, theirs_out)
-    ours, theirs = statistics.median(times["mergesearch merge"]), statistics.median(times["mergekit-yaml"])
-    print()
-    print(f"pair: TinyLlama-1.1B-shaped, bf16; recipe {recipe}")
-    print(f"recipe dtype: {yaml.safe_load(recipe.read_text())['dtype']}; OMP_NUM_THREADS: {ENV.get('OMP_NUM_THREADS', 'unset')} (torch default here: {torch.get_num_threads()}); cpus: {os.cpu_count()}; load average before: {load_before}")
-    print(f"{'tool':20s} {'median s':>9s} {'min s':>7s}   runs")
-    for name, ts in times.items():
-        print(f"{name:20s} {statistics.median(ts):9.2f} {min(ts):7.2f}   {', '.join(f'{t:.2f}' for t in ts)}")
-    print(f"speed-up (median): {theirs / ours:.1f}x   (target >= 3x)")
-    print(f"outputs: {n} tensors compared, {differ} differ in any bit")
+    print(f"\nmodel: {args.model} ({base}); recipes' dtype {args.dtype}; OMP_NUM_THREADS {ENV.get('OMP_NUM_THREADS', 'unset')}; "
+          f"cpus {os.cpu_count()}; repeats {args.repeats}")
+    print("| method | merge s (median) | mergekit-yaml s (median) | speed-up | merge peak RSS GiB (max) | mergekit peak RSS GiB (max) | peak ratio | bit-identical | load |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for method, ours, theirs, n, differ, load in rows:
+        t_o, t_t = statistics.median(s for s, _ in ours), statistics.median(s for s, _ in theirs)
+        m_o, m_t = max(m for _, m in ours), max(m for _, m in theirs)
+        print(f"| {method} | {t_o:.2f} ({', '.join(f'{s:.2f}' for s, _ in ours)}) | {t_t:.2f} ({', '.join(f'{s:.2f}' for s, _ in theirs)}) | "
+              f"{t_t / t_o:.1f}x | {m_o / 2**30:.2f} | {m_t / 2**30:.2f} | {m_o / m_t:.2f} | {n - differ}/{n} | {load} |")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ One worker, so every run is deterministic for its seed (two workers reorder tria
 
 Utilization: two workers, trials whose scoring takes a fixed time (sleep 0.25 s on top
 of the real build and forward pass); each worker's busy time as the worker measured
-it, over the wall time of the search loop.
+it, over the run's span of work: from the workers' first call (the baselines, scored before
+the search) to their last answer.
 
 Pruning (`--pruning`): the demo's search (runs/demo.yaml: merges of the toy zoo's four
 specialists, scored by its lm-eval objective in stages of 16, 128 and 256 examples per task) with
@@ -209,7 +210,8 @@ def report(seeds: list[int], slerp: dict, layout: dict, util: dict, budgets: dic
         "",
         f"{util['budget']} trials of the weights space, each scoring for 0.25 s plus the real build and forward pass "
         f"(median busy time per trial {util['trial_busy_s']:.3f} s). Busy = time inside the worker's calls, as the "
-        "worker measured it; wall = the search loop (workers already started). Idle gap = from a worker's result "
+        "worker measured it; wall = from the workers' first call (the run's baselines) to their last answer (workers "
+        "already started). Idle gap = from a worker's result "
         "reaching the driver to its next call being sent.",
         "",
         "| worker | trials | busy (s) | wall (s) | utilization | largest idle gap (s) |",
@@ -218,7 +220,7 @@ def report(seeds: list[int], slerp: dict, layout: dict, util: dict, budgets: dic
     for name, w in util["workers"].items():
         lines.append(f"| {name} | {w['trials']} | {w['busy_s']:.2f} | {util['wall_s']:.2f} | "
                      f"{w['utilization']:.1%} | {w['max_idle_gap_s']:.3f} |")
-    lines += ["", f"Both workers together: {util['utilization']:.1%} busy over the search loop; the whole run "
+    lines += ["", f"Both workers together: {util['utilization']:.1%} busy over that span; the whole run "
               f"(start-up of Ray workers and held-out phase included) took {util['total_s']:.1f} s.", ""]
     lines += NOTES
     return "\n".join(lines)

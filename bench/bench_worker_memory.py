@@ -18,9 +18,22 @@ and the time of a streamed candidate against a resident one.
    and one with `dtype: float16` (resident keeps converted sources, streamed converts
    each time).
 
-Run (results go to BENCHMARKS.md by hand):
+3. (--part real) A search worker on the real model, per merge method and per space: SmolLM2-135M-Instruct
+   and two seeded variants of it (bench/variants.py) as sources; one worker process per case
+   (search/workers/worker.py's Worker, as a run starts it), scoring perplexity in batches of 1024
+   tokens (the CPU's default batch of the lmeval objective); candidates sampled from the space by
+   Optuna's RandomSampler. Printed per case: the estimate the worker prints (its memory plan, raised
+   if a recipe needed more) and the measured peaks of its resident set (VmHWM) and private memory
+   (USS = Private_Clean + Private_Dirty of /proc/self/smaps_rollup, sampled every 20 ms), each over
+   the estimate (issue 21's bound: 1.2). --limit sets the workers' memory limit (a small one streams
+   the sources); --family 7b takes random models of Llama-2-7B's widths instead (bench/variants.py).
+
+Run (results go to BENCHMARKS.md by hand), under flock on a shared machine:
     .venv/bin/python bench/bench_worker_memory.py [--candidates 5] [--threads N] [--part memory|time]
-Needs about 3 GiB of free memory and 1 GiB of disk in $TMPDIR.
+    .venv/bin/python bench/bench_worker_memory.py --part real [--cases ties slerp ...] [--trials 3] [--limit 1]
+    .venv/bin/python bench/bench_worker_memory.py --part real --family 7b --layers 8 --limit 10G --trials 2
+Needs about 3 GiB of free memory and 1 GiB of disk in $TMPDIR (--part real: 4 GiB, the real model's family;
+--family 7b: 4 GB of disk per 8 layers and model, three models, and the limit's memory).
 """
 
 from __future__ import annotations
@@ -154,12 +167,152 @@ def build_times(paths: dict[str, str], candidates: int) -> dict[tuple[str, str],
     return {key: statistics.median(v) for key, v in times.items()}
 
 
+# One search worker on the real model: its plan, then trials, while a thread samples its private memory.
+REAL_WORKER = """
+import json, sys, threading, time
+from pathlib import Path
+from search.workers.worker import Worker
+
+args = json.loads(sys.argv[1])
+
+def rollup():
+    out = {}
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        out[key] = int(value.split()[0]) * 1024
+    return out
+
+peak = {"uss": 0}
+def sample():
+    while True:
+        r = rollup()
+        peak["uss"] = max(peak["uss"], r["Private_Clean"] + r["Private_Dirty"])
+        time.sleep(0.02)
+
+threading.Thread(target=sample, daemon=True).start()
+worker = Worker("w0", args["models"], args["objectives"], args["base_dir"], seed=1)
+plans = [worker.info()["sources_plan"]]
+seconds = []
+for k, text in enumerate(args["recipes"]):
+    result = worker.begin(k, text, [(0, None)])
+    if not result["ok"]:
+        print(json.dumps({"error": result["error"], "traceback": result.get("traceback")}), flush=True)
+        sys.exit(1)
+    plans += [result["sources_plan"]] if "sources_plan" in result else []
+    seconds.append(round(result["materialize_s"], 2))
+    worker.release()
+status = {l.split(":")[0]: int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("Vm")}
+plan = worker.materializer.memory_plan()
+print(json.dumps({"plans": plans, "estimate": plan.total_bytes, "mode": plan.mode, "peak_rss": status["VmHWM"],
+                  "peak_uss": max(peak["uss"], rollup()["Private_Clean"] + rollup()["Private_Dirty"]),
+                  "materialize_s": seconds}), flush=True)
+"""
+
+# case -> the space it samples (over base, v1, v2: a model and its two variants), for models of 30 layers
+REAL_CASES = {
+    "linear": {"kind": "weights", "method": "linear", "models": ["base", "v1", "v2"], "dtype": "bfloat16"},
+    "task_arithmetic": {"kind": "weights", "method": "task_arithmetic", "models": ["v1", "v2"], "base": "base", "dtype": "bfloat16"},
+    "ties": {"kind": "weights", "method": "ties", "models": ["v1", "v2"], "base": "base", "dtype": "bfloat16"},
+    "dare_ties": {"kind": "weights", "method": "dare_ties", "models": ["v1", "v2"], "base": "base", "dtype": "bfloat16"},
+    "dare_linear": {"kind": "weights", "method": "dare_linear", "models": ["v1", "v2"], "base": "base", "dtype": "bfloat16"},
+    "weights-groups": {"kind": "weights", "method": ["task_arithmetic", "ties", "dare_ties"], "models": ["v1", "v2"],
+                       "base": "base", "groups": 3, "dtype": "bfloat16"},
+    "slerp": {"kind": "slerp", "models": ["base", "v1"], "dtype": "bfloat16"},
+    "layout (passthrough)": {"kind": "layout", "mode": "dus", "models": ["base", "v1"], "m": [4, 12]},
+    "expansion (passthrough, scale)": {"kind": "expansion", "model": "base", "placement": ["end", "every"], "count": [2, 6], "every": [4, 8]},
+    "moe": {"kind": "moe", "base": "base", "models": ["v1", "v2"], "gate_mode": ["hidden", "random"],
+            "prompts": {"v1": ["Write a poem", "Tell a story"], "v2": ["Solve for x", "Compute the sum"]}},
+    "compose (slerp, then layout)": {"kind": "compose", "stages": [
+        {"name": "blend", "kind": "slerp", "models": ["base", "v1"]},
+        {"kind": "layout", "mode": "dus", "models": ["blend"], "m": [6, 10]}]},
+}
+
+
+def for_depth(spec: dict, layers: int) -> dict:
+    """A case's space for models of `layers` layers (REAL_CASES' layer counts are for 30)."""
+    text = json.dumps(spec)
+    if layers != 30:
+        text = text.replace('"m": [4, 12]', f'"m": [{max(1, layers // 8)}, {max(1, layers // 3)}]')
+        text = text.replace('"m": [6, 10]', f'"m": [{max(1, layers // 5)}, {max(1, layers // 3)}]')
+        text = text.replace('"every": [4, 8]', f'"every": [{max(2, layers // 4)}, {max(2, layers // 2)}]')
+    return json.loads(text)
+
+
+def sampled_recipes(spec: dict, paths: dict[str, str], trials: int, seed: int = 0) -> list[str]:
+    """`trials` candidates of the space (RandomSampler; pruned ones skipped), as recipe YAML."""
+    import optuna
+
+    from search.engine.recipe import as_stages, dump_stages
+    from spaces import build_space, read_model_infos
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = build_space(spec, read_model_infos(paths))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    out = []
+    while len(out) < trials:
+        trial = study.ask()
+        try:
+            out.append(dump_stages(as_stages(space.suggest(trial))))
+            study.tell(trial, 0.0)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+    return out
+
+
+def real_table(cases: list[str], trials: int, limit: str | None, threads: int | None, family: str, layers: int) -> None:
+    """Per case, one worker process on a model family: its estimate against its measured peaks."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from variants import seven_b_family, smollm2_family
+
+    if family == "smollm2":
+        base, variants = smollm2_family(REPO / "bench" / "out" / "smollm2")
+        # perplexity of English text in batches of 2 x 512 tokens (the lmeval objective's CPU batch: 1024 tokens)
+        objective = {"tokens": 2048, "context": 512, "batch_size": 2}
+    else:
+        base, variants = seven_b_family(REPO / "bench" / "out" / "7b", layers=layers, count=2)
+        objective = {"tokens": 64, "context": 64, "batch_size": 1}  # a forward pass of 7B widths costs minutes per 1000 tokens here
+    paths = {"base": str(base), "v1": str(variants[0]), "v2": str(variants[1])}
+    text = REPO / "README.md"  # English text to score perplexity on
+    objectives = [{"kind": "perplexity", "path": str(text), **objective}]
+    env = {k: v for k, v in os.environ.items() if k != LIMIT_ENV}
+    env.update(PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if limit:
+        env[LIMIT_ENV] = limit
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    gib = 1 << 30
+    print(f"sources: {base} + 2 variants; objective: perplexity, batches of {objective['batch_size']} x {objective['context']} tokens; "
+          f"{trials} candidates per case; memory limit {limit or 'none (what the machine has)'}; load before {os.getloadavg()[0]:.2f}\n")
+    print("| case | mode | estimate GiB | peak RSS GiB | RSS / estimate | peak USS GiB | USS / estimate | materialize s per candidate | the worker's plan (last) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for case in cases:
+        recipes = sampled_recipes(for_depth(REAL_CASES[case], 30 if family == "smollm2" else layers), paths, trials)
+        args = {"models": paths, "objectives": objectives, "base_dir": str(REPO), "recipes": recipes}
+        proc = subprocess.run([sys.executable, "-c", REAL_WORKER, json.dumps(args)], capture_output=True, text=True, env=env, cwd=REPO)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            print(f"| {case} | failed: {(lines[-1] if lines else proc.stderr[-2000:])} |")
+            continue
+        r = json.loads(lines[-1])
+        e = r["estimate"]
+        print(f"| {case} | {r['mode']} | {e / gib:.2f} | {r['peak_rss'] / gib:.2f} | {r['peak_rss'] / e:.2f} | {r['peak_uss'] / gib:.2f} | "
+              f"{r['peak_uss'] / e:.2f} | {', '.join(map(str, r['materialize_s']))} | {r['plans'][-1]} |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--part", choices=["memory", "time"], default=None, help="run only one of the two parts")
+    ap.add_argument("--part", choices=["memory", "time", "real"], default=None, help="run only one of the parts")
+    ap.add_argument("--cases", nargs="+", choices=list(REAL_CASES), default=list(REAL_CASES), help="--part real: which cases")
+    ap.add_argument("--trials", type=int, default=3, help="--part real: candidates per worker")
+    ap.add_argument("--limit", default=None, help="--part real: MERGESEARCH_MEMORY_LIMIT for the workers (1: streamed, no cache)")
+    ap.add_argument("--family", choices=["smollm2", "7b"], default="smollm2", help="--part real: the sources")
+    ap.add_argument("--layers", type=int, default=8, help="--family 7b: layers of the 7B-wide models")
     args = ap.parse_args()
+    if args.part == "real":
+        real_table(args.cases, args.trials, args.limit, args.threads, args.family, args.layers)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,10 +8,14 @@ One run, in this order, printing progress as it goes (under 5 minutes on one H10
 2. Copy bandwidth: `dst.copy_(src)` of a large buffer, bytes read + written per second.
 3. Candidates built in place by the Materializer (search/engine/materialize.py) into
    one resident model, timed per candidate after warm-up, device synchronized:
-   slerp (per-layer t curves), ties (density 0.5, three models) and passthrough
-   (layers 0-15 of one model + 16-31 of another: aliased, nothing copied). Effective
-   bandwidth counts the bytes a candidate must read and write (slerp: two inputs and
-   one output per tensor), as a fraction of the copy bandwidth.
+   slerp (per-layer t curves), ties and dare_ties (three models, new weights and
+   densities each candidate; the first candidate computes what the others reuse: TIES's
+   ranks, DARE's draws) and passthrough (layers 0-15 of one model + 16-31 of another:
+   aliased, nothing copied). Effective bandwidth counts the bytes a candidate must read
+   and write (slerp: two inputs and one output per tensor; ties: three and one), as a
+   fraction of the copy bandwidth. For ties and dare_ties also the peak memory of their
+   candidates (torch.cuda.max_memory_allocated; on a CPU the peak resident set) against
+   the Materializer's memory estimate (search/engine/memory_estimate.py).
 4. Streamed candidate: the same slerp with the sources kept on the host
    (`Materializer(sources="streamed")`, search/engine/memory_plan.py): each candidate
    copies the source tensors to the device job by job, overlapping copy and merge.
@@ -20,7 +24,8 @@ One run, in this order, printing progress as it goes (under 5 minutes on one H10
    over the same batches of the same tokens.
 
 Targets (issue 13): slerp >= 50% of copy bandwidth and ready <= 100 ms at 7B;
-streamed <= 4x resident; evaluation >= 0.8x the bare forward pass.
+streamed <= 4x resident; evaluation >= 0.8x the bare forward pass. Issue 21: peak memory of
+the density candidates at most 1.2x the estimate.
 
     python bench/gpu.py                # the 7B shapes on the first CUDA device
     python bench/gpu.py --small        # hidden 512, 4 layers, vocab 8000: a minute on a free CPU, to try the script
@@ -148,16 +153,19 @@ dtype: bfloat16
 """
 
 
-def ties_recipe(rng: random.Random) -> str:
+def density_recipe(method: str, rng: random.Random) -> str:
+    """ties / dare_ties over base + ft1 + ft2, with new weights and densities."""
+    def params():
+        return f"{{weight: {round(rng.uniform(0.2, 0.8), 3)}, density: {round(rng.uniform(0.3, 0.7), 3)}}}"
+
     return f"""
-merge_method: ties
+merge_method: {method}
 base_model: base
 models:
   - model: ft1
-    parameters: {{weight: {round(rng.uniform(0.2, 0.8), 3)}, density: 0.5}}
+    parameters: {params()}
   - model: ft2
-    parameters: {{weight: {round(rng.uniform(0.2, 0.8), 3)}, density: 0.5}}
-parameters: {{normalize: true}}
+    parameters: {params()}
 dtype: bfloat16
 """
 
@@ -229,13 +237,8 @@ def bench_merges(args, device, sources, copy_bw: float, rows: list, results: dic
     rows.append(("slerp first candidate (warm-up)", f"{first * 1e3:.0f} ms", "", ""))
     log(f"slerp: {slerp_s * 1e3:.1f} ms per candidate ({fraction:.0%} of copy bandwidth)")
 
-    log("ties: warm-up, then timed candidates")
-    first, times, _ = candidate_times(device, mat, [ties_recipe(rng) for _ in range(1 + max(2, args.candidates // 2))], warmup=1)
-    ties_s = statistics.median(times)
-    fraction = 4 * size / ties_s / copy_bw
-    results["ties"] = {"first_s": first, "median_s": ties_s, "times_s": times, "fraction_of_copy": fraction}
-    rows.append(("ties candidate (density 0.5, 3 models)", f"{ties_s * 1e3:.0f} ms = {fraction:.0%} of copy", "", ""))
-    log(f"ties: {ties_s * 1e3:.0f} ms per candidate")
+    for method in ("ties", "dare_ties"):
+        bench_density(args, device, mat, method, size, copy_bw, rng, rows, results)
 
     log("passthrough: timed candidates")
     first, times, _ = candidate_times(device, mat, [passthrough_recipe(layers, rng) for _ in range(2 + args.candidates)])
@@ -254,6 +257,46 @@ def bench_merges(args, device, sources, copy_bw: float, rows: list, results: dic
     rows.append(("slerp combine pass", kind, "", ""))
     # the slerp candidate stays resident for the evaluation section
     return mat.materialize(loads_first(slerp_recipe(layers, random.Random(1)))), slerp_s
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # the peak resident set starts again from here
+
+
+def peak_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def bench_density(args, device, mat, method: str, size: int, copy_bw: float, rng, rows: list, results: dict) -> None:
+    """A density method's candidates: the first (ranks or draws made), then the timed ones; peak memory vs estimate."""
+    from search.engine.recipe import loads
+
+    recipes = [density_recipe(method, rng) for _ in range(1 + max(2, args.candidates // 2))]
+    seed = 1 if method.startswith("dare") else None
+    estimate = mat.memory_plan(mat.plan(loads(recipes[0]))).total_bytes
+    log(f"{method}: first candidate (computes what later ones reuse), then timed candidates; estimate {estimate / 2**30:.2f} GiB")
+    reset_peak(device)
+    first = timed(device, lambda: mat.materialize(loads(recipes[0]), seed=seed))
+    times = [timed(device, lambda r=r: mat.materialize(loads(r), seed=seed)) for r in recipes[1:]]
+    peak = peak_bytes(device)
+    estimate = mat.memory_plan().total_bytes  # as raised by the recipes, if they needed more
+    median = statistics.median(times)
+    fraction = 4 * size / median / copy_bw
+    results[method] = {"first_s": first, "median_s": median, "times_s": times, "fraction_of_copy": fraction,
+                       "peak_bytes": peak, "estimate_bytes": estimate, "plan": mat.memory_plan().describe()}
+    rows.append((f"{method} candidate (3 models)", f"{median * 1e3:.0f} ms = {fraction:.0%} of copy; first {first:.1f} s", "", ""))
+    rows.append((f"{method} peak memory ({'CUDA allocated' if device.type == 'cuda' else 'resident set'})",
+                 f"{peak / 2**30:.2f} GiB = {peak / estimate:.2f}x the estimate ({estimate / 2**30:.2f} GiB)", "<= 1.2x estimate",
+                 _met(peak <= 1.2 * estimate)))
+    log(f"{method}: {median * 1e3:.0f} ms per candidate, peak {peak / 2**30:.2f} GiB of an estimated {estimate / 2**30:.2f} GiB")
 
 
 def loads_first(text: str):

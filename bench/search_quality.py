@@ -103,7 +103,6 @@ def best_within(trials: list[dict], n: int, sign: int) -> dict | None:
 
 def one_run(work: Path, base: dict, sampler: str, seed: int, trials: int, checkpoints: list[int], scorer: Scorer) -> dict:
     from search.results import run_folder, winner
-    from search.study import records
     from search.run.driver import run
     from search.study.paired_stats import margin
     from search.spec.runspec import load_spec

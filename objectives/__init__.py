@@ -66,6 +66,12 @@ class Objective:
         """Score on the held-out split, which the search never sees."""
         raise NotImplementedError
 
+    def eval_batch_tokens(self, device_type: str) -> int | None:
+        """Padded tokens of the largest forward pass `score` runs on a model on this device type: a worker's
+        memory estimate counts its logits and activations (search/engine/memory_estimate.py). None: not
+        known (the estimate then assumes its default); 0: no forward pass at all."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, direction={self.direction!r}, fidelities={self.fidelities})"
 

@@ -350,6 +350,13 @@ class LmEvalObjective(Objective):
             return ResidentHFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size or FIXED_BATCH,
                                 encodings=encodings, batch_tokens=budget, max_batch=self.batch_size)
 
+    def eval_batch_tokens(self, device_type: str) -> int | None:
+        """The token budget of a batch (an example longer than it, alone, is not foreseen); with a fixed
+        batch_size alone the widths are the examples', unknown before they are tokenized: None."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        return default_batch_tokens(device_type) if self.batch_size is None else None
+
     def prepare(self) -> None:
         """Build every search task's requests for the largest stage now: a worker calls this as it starts,
         so its first trial does not. A chat template needs the candidate's tokenizer: then the first call does."""

@@ -3,8 +3,9 @@
 The driver checks every field here (one-line UserErrors that name it) and learns
 what the run needs of the objective (name, direction, stages) in milliseconds; the
 workers build the tasks, once each (objectives/lmeval.py), and report what only
-the built tasks can say: whether the task names exist, whether they have held-out
-twins, how their metrics aggregate. Importing lm-eval (and with it `datasets`,
+the built tasks can say: whether the tasks load, whether they have held-out
+twins, how their metrics aggregate. Task names it checks as text (objectives/lmeval_names.py), so
+a typo stops the run before anything starts. Importing lm-eval (and with it `datasets`,
 torch and transformers) on the driver too would cost seconds of a 2-core machine
 while Ray and the workers start.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from objectives.fidelity import check_fidelities
+from objectives.lmeval_names import check_task_names
 from objectives.spec import SpecReader
 
 
@@ -103,5 +105,8 @@ def describe_lmeval(spec: dict, where: str, base_dir: Path):
     from objectives import ObjectiveInfo
 
     args = read_lmeval_spec(spec, where, base_dir)
+    names = [(f"{where}.tasks[{i}]", e.task) for i, e in enumerate(args["tasks"])]
+    names += [(f"{where}.tasks[{i}].heldout", e.heldout) for i, e in enumerate(args["tasks"]) if e.heldout]
+    check_task_names(names, args["include_path"])  # before the study exists; the workers check the rest
     return ObjectiveInfo(kind="lmeval", name=args["name"], direction=args["direction"],
                          fidelities=args["fidelities"], has_heldout=None, reports_examples=True)

@@ -133,6 +133,9 @@ class PerplexityObjective(Objective):
             self._streams[key] = token_stream(docs, tokenizer, self.tokens)
         return self._streams[key]
 
+    def eval_batch_tokens(self, device_type: str) -> int | None:
+        return self.batch_size * self.context
+
     def _context(self, model) -> int:
         limit = getattr(model.config, "max_position_embeddings", None)
         return min(self.context, limit) if limit else self.context

@@ -3,7 +3,9 @@
 A space is define-by-run: `build(trial)` asks the trial for values and returns a
 Recipe. `params(recipe)` goes the other way, so known recipes can seed a study;
 each space proposes the params it believes give the recipe, and they are accepted
-only if replaying them through `suggest` gives back exactly that recipe.
+only if replaying them through `suggest` gives back that recipe, or one that mergekit
+reads alike (search/engine/same_merge.py: `t: 0.5` is the space's curves at 0.5, a
+`models:` recipe is one slice per group of layers, a default is the value written out).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from optuna import TrialPruned
 
 from search.engine.errors import UserError, short
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice, Recipe, as_stages, to_dict
+from search.engine.same_merge import same_merge
 
 from .constraints import Constraints
 from .model_info import ModelInfo
@@ -67,7 +70,17 @@ class Space:
         self.constraints.check(recipe, self.checked_models())
         return recipe
 
+    def depth(self, model: str) -> int:
+        """A model's layers, as a recipe of this space names it (a stage's output too); KeyError if unknown."""
+        info = self.checked_models().get(model)
+        if not isinstance(getattr(info, "num_layers", None), int):
+            raise KeyError(model)
+        return info.num_layers
+
     def params(self, recipe: Recipe | list[Recipe]) -> dict[str, Any]:
+        """The point of the space that builds `recipe`: the recipe itself, or one that mergekit reads alike
+        (`models:` or one slice over all layers, a scalar or a constant curve, a default written out;
+        search/engine/same_merge.py). UserError when no point does."""
         try:
             candidates = self.propose_params(recipe)
         except NotInSpace as e:
@@ -82,8 +95,8 @@ class Space:
                 continue
             except TrialPruned as e:
                 raise UserError(f"{self.where}: the recipe breaks the space's constraints: {e}") from None
-            difference = first_difference(_plain(again), _plain(recipe))
-            if difference is not None:
+            if not same_merge(again, recipe, self.depth):  # the point builds another model
+                difference = first_difference(_plain(again), _plain(recipe)) or ""
                 reason = f"the nearest point of the space differs at {difference.removeprefix('[0].')}"
                 continue
             unused = sorted(set(params) - trial.asked)
@@ -119,6 +132,18 @@ class Space:
     def check_same_family(self, spec: SpecReader, fields: list[tuple[str, str]]) -> None:
         """Layers stacked from several models must come from one family and width."""
         self._check_alike(spec, fields, ("model_type", "hidden_size"), "stack layers of one family and width")
+
+    def check_depth_can_change(self, spec: SpecReader, fields: list[tuple[str, str]]) -> None:
+        """Stacks and expansions change the depth, which mergekit 0.1.5 cannot write into a config
+        that lists something per layer: transformers 5 refuses that config, so mergekit writes nothing."""
+        for key, name in fields:
+            info = self.models[name]
+            if info.fixed_depth:
+                spec.fail(
+                    key,
+                    f"{short(name)} is a {info.model_type} model whose config.json lists layer_types, which mergekit "
+                    "0.1.5 cannot write at another depth; search it with a slerp or weights space",
+                )
 
     def _check_alike(self, spec: SpecReader, fields, attributes, fix: str) -> None:
         _, first_name = fields[0]

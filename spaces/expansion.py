@@ -42,6 +42,7 @@ class ExpansionSpace(Space):
         if info.residual_outputs is None:
             spec.fail("model", f"{short(self.model)} is a {info.model_type} model, whose output projections are unknown; "
                       "expand a llama, mistral, qwen2, gemma or phi model")
+        self.check_depth_can_change(spec, [("model", self.model)])
         self.residual_outputs = info.residual_outputs
         self.used_models = [self.model]
         n = self.n = info.num_layers

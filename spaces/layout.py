@@ -59,6 +59,7 @@ class LayoutSpace(Space):
             spec.fail("mode", f"{short(self.mode)} is not one of {', '.join(MODES)}")
         self.sources = spec.model_list("models", min_count=1, max_count=2 if self.mode == "dus" else None)
         self.check_same_family(spec, listed("models", self.sources))
+        self.check_depth_can_change(spec, listed("models", self.sources))
         self.used_models = list(self.sources)
         self.depth = {m: self.models[m].num_layers for m in self.sources}
         shallowest, deepest = min(self.depth.values()), max(self.depth.values())

@@ -1,9 +1,12 @@
 """What a space needs to know about a model, read from its config.json alone (no torch).
 
-Depth bounds every layer index a space samples; parameter counts, computed from
-the config's sizes, let a `max_params` constraint reject a candidate before it
-is built. Counts follow the transformers modules of each family (llama, mistral,
-qwen2, gemma, phi), tied embeddings counted once, as `model.num_parameters()` does.
+Depth bounds every layer index a space samples; it is read from the config key that
+mergekit's definition of the architecture names (`n_layer` for GPT-2), and a model
+without a usable definition is refused here, before anything starts. Parameter
+counts, computed from the config's sizes, let a `max_params` constraint reject a
+candidate before it is built. Counts follow the transformers modules of each family
+(llama, mistral, qwen2, gemma, phi), tied embeddings counted once, as
+`model.num_parameters()` does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from search.engine.errors import UserError
+from search.engine.architectures import config_value
+from search.engine.mergekit_definitions import find_definition
 
 # model_type -> the class transformers builds, for configs without `architectures`.
 _ARCHITECTURES = {
@@ -33,6 +38,9 @@ _RESIDUAL_OUTPUTS = {
 # Defaults of the transformers config classes, for config.json files that omit a field.
 _TIED_BY_DEFAULT = {"gemma"}
 
+# Where a config.json states the width, by family (GPT-2 and StarCoder name it n_embd).
+_HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -48,6 +56,9 @@ class ModelInfo:
     mlp_params: int | None = None  # per layer
     norm_params: int | None = None  # per layer
     outside_params: int | None = None  # embeddings, final norm, lm_head (once when tied)
+    # The config lists something per layer (`layer_types`): mergekit 0.1.5 cannot write it at another
+    # depth (transformers 5 refuses the config), so stacks and expansions of it are refused.
+    fixed_depth: bool = False
 
     @property
     def params_per_layer(self) -> int | None:
@@ -77,19 +88,26 @@ class ModelInfo:
         if not isinstance(model_type, str):
             raise UserError(f"{where}: no model_type; is this a Hugging Face model folder?")
         architectures = config.get("architectures") or [_ARCHITECTURES.get(model_type, model_type)]
-        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-        for key in ("num_hidden_layers", "hidden_size"):
-            if not isinstance(text.get(key), int):
-                raise UserError(f"{where}: {key} is missing or not an integer; check the file")
+        arch = find_definition({**config, "architectures": architectures}, f"models.{name}")
+        try:
+            num_layers = config_value(config, arch.num_layers_key)
+        except KeyError:
+            num_layers = None
+        if not isinstance(num_layers, int):
+            raise UserError(f"{where}: {arch.num_layers_key} is missing or not an integer; check the file")
+        hidden = next((config[k] for k in _HIDDEN_SIZE_KEYS if isinstance(config.get(k), int)), None)
+        if hidden is None:
+            raise UserError(f"{where}: hidden_size is missing or not an integer; check the file")
         info = cls(
             name=name,
             model_type=model_type,
             architecture=architectures[0],
-            num_layers=text["num_hidden_layers"],
-            hidden_size=text["hidden_size"],
-            vocab_size=text.get("vocab_size"),
+            num_layers=num_layers,
+            hidden_size=hidden,
+            vocab_size=config.get("vocab_size"),
+            fixed_depth=isinstance(config.get("layer_types"), list),
         )
-        counts = _param_counts(model_type, text)
+        counts = _param_counts(model_type, hidden, config)
         return replace(info, **counts) if counts else info
 
     @classmethod
@@ -111,8 +129,7 @@ def read_model_infos(paths: dict[str, str | Path]) -> dict[str, ModelInfo]:
     return {alias: ModelInfo.from_folder(path, alias) for alias, path in paths.items()}
 
 
-def _param_counts(model_type: str, c: dict) -> dict | None:
-    h = c["hidden_size"]
+def _param_counts(model_type: str, h: int, c: dict) -> dict | None:
     inter = c.get("intermediate_size")
     vocab = c.get("vocab_size")
     heads = c.get("num_attention_heads")

@@ -1,8 +1,9 @@
-"""MoE expert picks: which fine-tunes become experts of a Mixtral built on a base (mergekit-moe).
+"""MoE expert picks: which fine-tunes become experts of a MoE built on a base (mergekit-moe): a Mixtral
+from a llama or mistral base, a Qwen3-MoE from a qwen3 base (search/engine/moe.py).
 
     space:
       kind: moe
-      base: base                # a llama or mistral model: attention, norms and embeddings
+      base: base                # a llama, mistral or qwen3 model: attention, norms and embeddings
       models: [a, b, c, d]      # the candidate experts, same shape as the base
       experts: [2, 4]           # how many of them become experts (default [2, N]; N = all)
       experts_per_token: 2      # a number fixes it, a pair searches it (default 2)
@@ -49,9 +50,9 @@ class MoESpace(Space):
 
     def read(self, spec: SpecReader) -> None:
         self.base = spec.model("base")
-        if self.models[self.base].model_type not in ("llama", "mistral"):
+        if self.models[self.base].model_type not in ("llama", "mistral", "qwen3"):
             spec.fail("base", f"{short(self.base)} is a {self.models[self.base].model_type} model; "
-                      "MoE assembly builds a Mixtral from a llama or mistral base")
+                      "MoE assembly builds a Mixtral from a llama or mistral base, a Qwen3-MoE from a qwen3 base")
         self.pool = spec.model_list("models", min_count=1)
         self.check_same_shape(spec, [("base", self.base)] + listed("models", self.pool))
         self.used_models = [self.base] + [m for m in self.pool if m != self.base]

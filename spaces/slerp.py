@@ -22,10 +22,13 @@ Default (the run's baseline): slerp halfway, t = 0.5 on every tensor.
 
 from __future__ import annotations
 
-from search.engine.errors import short
+from search.engine.errors import UserError, short
+from search.engine.method_params import param_spec
+from search.engine.parameters import resolve
+from search.engine.same_merge import same_merge
 from search.engine.recipe import Conditional, InputModel, InputSlice, MergeRecipe, OutputSlice
 
-from .base import Space, listed, single
+from .base import ReplayTrial, Space, listed, single
 from .spec import NotInSpace, SpecReader
 
 REST = "rest"
@@ -103,6 +106,18 @@ class SlerpSpace(Space):
         recipe = single(recipe)
         if not isinstance(recipe, MergeRecipe) or recipe.merge_method != "slerp":
             raise NotInSpace(f"merge_method is {short(getattr(recipe, 'merge_method', 'moe'))}, not slerp")
+        try:
+            return [self._as_written(recipe)]
+        except NotInSpace as e:
+            as_written = e
+        # another spelling (`t: 0.5`, a curve as one number, one curve for all): the anchors read off it
+        read = self._read_off(recipe)
+        if not same_merge(self.build(ReplayTrial(read)), recipe, self.depth):
+            raise as_written  # no point builds it: say where it parts from the space's own form
+        return [read]
+
+    def _as_written(self, recipe: MergeRecipe) -> dict:
+        """The anchors of a recipe written as this space writes its own: one filter entry per curve."""
         t = (recipe.parameters or {}).get("t")
         curves = self.filters + [REST]
         if not isinstance(t, list) or len(t) != len(curves) or not all(isinstance(c, Conditional) for c in t):
@@ -116,4 +131,19 @@ class SlerpSpace(Space):
                 raise NotInSpace(f"the {curve} curve has {len(values)} anchors; the space has {self.anchors[curve]}")
             for j, v in enumerate(values):
                 self.t.put(params, f"t.{curve}.{j}", v)
-        return [params]
+        return params
+
+    def _read_off(self, recipe: MergeRecipe) -> dict:
+        """Each curve's anchors read off the recipe's t where the anchor sits, on a tensor of that curve's filter
+        (the rest: on one no filter names)."""
+        levels = [recipe.slices[0].parameters if recipe.slices else None, recipe.parameters]
+        params: dict = {}
+        for curve in self.filters + [REST]:
+            k = self.anchors[curve]
+            for j in range(k):
+                try:
+                    value = resolve(param_spec("slerp", "t"), levels, "" if curve == REST else curve, j / max(1, k - 1))
+                except UserError as e:
+                    raise NotInSpace(str(e)) from None
+                self.t.put(params, f"t.{curve}.{j}", value)
+        return params

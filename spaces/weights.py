@@ -26,6 +26,7 @@ density 0.5 over the base.
 from __future__ import annotations
 
 from search.engine.errors import short
+from search.engine.method_params import param_spec
 from search.engine.recipe import InputModel, InputSlice, MergeRecipe, OutputSlice
 
 from .base import Space, listed, single
@@ -130,8 +131,8 @@ class WeightsSpace(Space):
 
         # (group, model) -> that source's parameters, from either input form
         found: dict[tuple[int, str], dict] = {}
-        if recipe.models:
-            found = {(0, m.model): m.parameters or {} for m in recipe.models}
+        if recipe.models:  # one entry per model: the same in every group (mergekit reads it over all layers)
+            found = {(g, m.model): m.parameters or {} for m in recipe.models for g in range(self.groups)}
         else:
             for g, s in enumerate(recipe.slices):
                 found.update({(g, src.model): src.parameters or {} for src in s.sources})
@@ -145,8 +146,13 @@ class WeightsSpace(Space):
                     self.density.put(params, self._name("density", g, m), p.get("density"))
 
         shared = recipe.parameters or {}
+
+        def written_or_default(name: str):  # a parameter left out is the method's default, as mergekit reads it
+            spec = param_spec(method, name)
+            return shared.get(name, spec.default if spec is not None and not spec.required else None)
+
         if self.normalize is not None:
-            self.normalize.put(params, "normalize", shared.get("normalize"))
+            self.normalize.put(params, "normalize", written_or_default("normalize"))
         if self.lam is not None and method != "linear":
-            self.lam.put(params, "lambda", shared.get("lambda"))
+            self.lam.put(params, "lambda", written_or_default("lambda"))
         return [params]

@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from arch_standins import ARCH_CONFIGS  # noqa: E402
 from real_model import perturbed_folder, smollm2_folder  # noqa: E402
 from standins import make_finetune, make_standin  # noqa: E402
 
@@ -67,6 +68,14 @@ STANDINS = {
     "toy/gemma-base": ("gemma", 3, 91, None),
     "toy/gemma-ft": ("gemma", 3, 92, "toy/gemma-base"),
 }
+
+# Every architecture mergesearch builds (tests/test_architectures.py): arch/<model_type>/base, 2 layers,
+# and two fine-tunes of it, ft1 and ft2.
+ARCH_TYPES = ["llama", "mistral", "phi", "gemma", "qwen2", *ARCH_CONFIGS]
+for _i, _type in enumerate(ARCH_TYPES):
+    STANDINS[f"arch/{_type}/base"] = (_type, 2, 1000 + 10 * _i, None)
+    for _k in (1, 2):
+        STANDINS[f"arch/{_type}/ft{_k}"] = (_type, 2, 1000 + 10 * _i + _k, f"arch/{_type}/base")
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +178,14 @@ print(json.dumps(codes))
 
 
 class MergekitOracle:
-    """mergekit 0.1.5's console scripts run on stand-ins (or any `zoo` with `paths(names)`); outputs cached
-    per (recipe, seed)."""
+    """mergekit 0.1.5's console scripts run on stand-ins (or any `zoo` with `paths(names)`); outputs (or
+    failures) cached per (recipe, seed)."""
 
     def __init__(self, root: Path, zoo: StandinZoo | RealModels):
         self.root = root
         self.zoo = zoo
         self._done: dict[str, Path] = {}
+        self._failed: dict[str, str] = {}  # key -> what mergekit raised (or its exit code) and its stderr
 
     def _job(self, text: str, seed: int | None):
         paths = self.zoo.paths(recipe_model_names(text))
@@ -203,7 +213,7 @@ class MergekitOracle:
         pending = {}
         for text, seed in jobs:
             key, folder, recipe, rendered, script, args = self._job(text, seed)
-            if key not in self._done:
+            if key not in self._done and key not in self._failed:
                 recipe.write_text(rendered)
                 pending[key] = (folder, script, args)
         if not pending:
@@ -215,14 +225,23 @@ class MergekitOracle:
         codes = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
         for key, (folder, script, args) in pending.items():
             if codes.get(key) != 0:
-                raise RuntimeError(f"{script} {' '.join(args)} failed ({codes.get(key)}):\n{proc.stderr[-3000:]}")
-            self._done[key] = folder
+                self._failed[key] = f"{script} {' '.join(args)} failed ({codes.get(key)}):\n{proc.stderr[-3000:]}"
+            else:
+                self._done[key] = folder
+
+    def failure(self, text: str, seed: int | None = None) -> str | None:
+        """What mergekit raised for this recipe, or None when it wrote a model."""
+        key, *_ = self._job(text, seed)
+        if key not in self._done and key not in self._failed:
+            self.prefetch([(text, seed)])
+        return self._failed.get(key)
 
     def folder(self, text: str, seed: int | None = None) -> Path:
-        """The folder mergekit writes for this recipe."""
+        """The folder mergekit writes for this recipe (RuntimeError with its output if it failed)."""
         key, folder, *_ = self._job(text, seed)
-        if key not in self._done:
-            self.prefetch([(text, seed)])
+        problem = self.failure(text, seed)
+        if problem is not None:
+            raise RuntimeError(problem)
         return folder
 
     def build(self, text: str, seed: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:

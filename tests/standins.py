@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from arch_standins import ARCH_CONFIGS, arch_config
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 VOCAB = 96
@@ -30,7 +31,10 @@ def make_tokenizer() -> transformers.PreTrainedTokenizerFast:
 
 
 def standin_config(arch: str, num_layers: int, hidden: int = 64) -> transformers.PretrainedConfig:
-    """A config of architecture `arch` ('llama', 'mistral', 'phi', 'gemma', 'qwen2') at tiny width."""
+    """A config of architecture `arch` ('llama', 'mistral', 'phi', 'gemma', 'qwen2' at `hidden`;
+    any other model_type of tests/arch_standins.py at its own tiny width) at `num_layers` layers."""
+    if arch in ARCH_CONFIGS:
+        return arch_config(arch, num_layers)
     common = dict(
         vocab_size=VOCAB,
         hidden_size=hidden,

@@ -141,6 +141,31 @@ def test_pickle_checkpoint_loads_when_allowed(models: dict[str, Path], tmp_path:
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+class Exploit:
+    """Unpickling this creates a file: an object no weights-only load may rebuild."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.path),)
+
+
+def test_library_warnings_do_not_reach_stderr(models: dict[str, Path], tmp_path: Path):
+    """torch warns about a checkpoint pickled with protocol 4 as it starts to load it: the refusal that
+    follows is the one line on stderr, without the library's warning before it."""
+    exploit = tmp_path / "protocol4"
+    exploit.mkdir()
+    (exploit / "config.json").write_bytes((models["pickled"] / "config.json").read_bytes())
+    torch.save({"model.embed_tokens.weight": Exploit(tmp_path / "PWNED")}, exploit / "pytorch_model.bin",
+               pickle_protocol=4)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(LINEAR.format(base=models["base"], ft=exploit))
+    line = assert_one_line_error(merge(recipe, tmp_path / "out", "--allow-pickle"), r"refused as unsafe")
+    assert "Warning" not in line and not (tmp_path / "PWNED").exists()
+    assert_nothing_written(tmp_path, {"recipe.yml", "protocol4"})
+
+
 def test_missing_recipe_file(tmp_path: Path):
     assert_one_line_error(merge(tmp_path / "nope.yml", tmp_path / "out"), r"nope\.yml.*(no such|not found|check)")
     assert_nothing_written(tmp_path, set())

@@ -60,7 +60,7 @@ def test_a_baseline_scores_what_its_recipe_builds(baseline_run, zoo):
     model = Materializer(spec.models).materialize(recipes.loads(fst["recipe"]))
     assert fst["values"][0] == state_fingerprint(model.state_dict())
     assert state_fingerprint(model.state_dict()) == state_fingerprint(
-        Materializer(spec.models).materialize(recipes.loads(f"merge_method: passthrough\nmodels:\n  - model: fst\n")).state_dict())
+        Materializer(spec.models).materialize(recipes.loads("merge_method: passthrough\nmodels:\n  - model: fst\n")).state_dict())
 
 
 def test_baselines_in_the_space_teach_the_study_but_do_not_count_as_trials(baseline_run):
@@ -111,3 +111,15 @@ def test_the_winner_and_the_best_search_score_are_named_apart_and_alike_everywhe
     assert winner == study.user_attrs["winner"] == result.best["trial"] == meta["verdict"]["winner"]
     assert f"trial {winner}:" in (spec.run_dir / "best.yaml").read_text().splitlines()[0]
     assert study.metric_names == meta["objectives"] == ["score"]
+
+
+def test_baselines_are_scored_first_timed_as_trials_and_utilization_stays_at_most_one(baseline_run):
+    spec, _ = baseline_run
+    recs = trials_of(spec.run_dir)
+    baselines, searched = [r for r in recs if r.get("baseline")], [r for r in recs if not r.get("baseline")]
+    first = min(r["timings"]["dispatched"] for r in searched)
+    for b in baselines:
+        assert b["timings"]["finished"] <= first and b["worker"] in ("w0", "w1"), b["baseline"]
+        assert b["timings"]["busy_s"] > 0 and len(b["timings"]["materialize_s"]) == 1
+    util = records.read_json(spec.run_dir / "run.json")["utilization"]
+    assert 0 < util["utilization"] <= 1 and all(0 < w["utilization"] <= 1 for w in util["workers"].values())

@@ -80,9 +80,9 @@ CASES = [
     ("too-many-for-slerp", SLERP.replace("  - model: math", "  - model: math\n  - model: wide"), r"^models: slerp takes exactly 2 model\(s\) per slice, got 3"),
     ("missing-weight", "models:\n  - model: base\n  - model: math\nmerge_method: linear\n", r"^parameters\.weight: required for base .*add `weight:`"),
     (
-        "tokenizer-vocabularies-differ",
-        SLERP.replace("model: math", "model: other-vocab") + "tokenizer_source: base\n",
-        r"^recipe\.tokenizer_source: other-vocab's vocabulary differs from the other models'",
+        "tokenizer-token-beyond-vocab-size",
+        SLERP.replace("model: math", "model: other-vocab") + "tokenizer_source: other-vocab\n",
+        r"^recipe\.tokenizer_source: other-vocab's tokenizer numbers '<extra>' 96, beyond its vocab_size 96",
     ),
     ("bad-dtype", SLERP + "dtype: float8\n", r"^dtype: 'float8' is not a dtype mergekit knows"),
     ("base-not-a-source", "slices:\n  - sources:\n    - model: math\n      layer_range: [0, 4]\n    - model: wide\n      layer_range: [0, 4]\nmerge_method: slerp\nbase_model: base\nparameters: {t: 0.5}\n", r"^slices\[0\]: base_model base is not among the sources"),

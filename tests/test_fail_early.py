@@ -135,3 +135,26 @@ def test_a_ray_address_where_nothing_listens_is_one_line_and_no_study(pair_zoo, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--ray-address 127.0.0.1:{port}: nothing answers there" in err[0], err
     assert not (tmp_path / "early").exists() and not ray.is_initialized()
+
+
+@pytest.mark.parametrize("task, field, hint", [
+    ("fst_serch", "tasks[0]", "did you mean fst_search?"),  # a local task folder's name, mistyped
+    ("hellaswg", "tasks[0]", "did you mean hellaswag"),  # one of lm-eval's own, mistyped
+    ("no_such_task_anywhere", "tasks[0]", "check the name, or point include_path at its folder"),
+    ({"task": "fst_search", "heldout": "fst_heldot"}, "tasks[0].heldout", "did you mean"),
+])
+def test_an_unknown_lm_eval_task_is_one_line_before_the_workers_or_the_study(task, field, hint, pair_zoo, tmp_path,
+                                                                               capsys):
+    import ray
+
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "fst_search.yaml").write_text("task: fst_search\ndataset_path: json\n")
+    spec = write_spec(tmp_path, pair_zoo, pair_zoo / "fst",
+                      objectives=[{"kind": "lmeval", "include_path": "tasks", "tasks": [task]}])
+    assert cli_main(["run", str(spec)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    name = task["heldout"] if isinstance(task, dict) else task
+    assert err[0].startswith(f"mergesearch run: error: objectives[0].{field}: lm-eval has no task {name!r}; {hint}")
+    assert not (tmp_path / "early").exists() and not ray.is_initialized()

@@ -592,3 +592,112 @@ def test_a_mutated_run_spec_prepares_a_run_or_is_refused_in_one_line(spec_folder
 )
 def test_run_specs_that_failed_once_are_refused_in_one_line(spec_folder, tmp_path, change):
     assert not prepared_or_one_line({**GOOD_SPECS[0], **change}, spec_folder, tmp_path)
+
+
+# ---- what a run prints and publishes ------------------------------------------------------------------
+#
+# Run folders as `mergesearch run` leaves them (run.json, trials.jsonl; best.yaml written by export's own
+# code), with models under any aliases, public names and folders of a machine, any scores and held-out
+# ties: every YAML block the summary (what `show` and the end of `run` print, off a terminal), the exported
+# recipes and the published folder's files hold parses, and nothing published names a folder of the machine.
+
+ALIAS = st.from_regex(r"[a-z][a-z0-9_-]{0,8}", fullmatch=True)
+SCORE = st.sampled_from([0.0, 0.5, 1.0, -3.25, 1e-9, 12345.678])  # few values: held-out ties are common
+
+
+@st.composite
+def run_folders(draw):
+    aliases = draw(st.lists(ALIAS, min_size=2, max_size=3, unique=True))
+    user = draw(ALIAS)
+    paths = {a: f"/home/{user}/models dir/{a}" for a in aliases}
+    names = {a: draw(st.sampled_from([a, f"org-{user}/{a}.v1", f"{a} (mine)"])) for a in aliases}
+    method = draw(st.sampled_from(["linear", "slerp", "task_arithmetic"]))
+
+    def recipe() -> str:
+        if method == "slerp":
+            t = draw(st.lists(SCORE.map(lambda v: abs(v) % 1), min_size=1, max_size=3))
+            body = {"merge_method": "slerp", "base_model": aliases[0], "models": [{"model": a} for a in aliases[:2]],
+                    "parameters": {"t": [{"filter": "self_attn", "value": t}, {"value": t[0]}]}}
+        else:
+            body = {"merge_method": method, "models": [{"model": a, "parameters": {"weight": draw(SCORE)}}
+                                                       for a in aliases[1:]]}
+            if method == "task_arithmetic":
+                body["base_model"] = aliases[0]
+            else:
+                body["models"].insert(0, {"model": aliases[0], "parameters": {"weight": 1.0}})
+        return dump_stages([from_dict(body)])
+
+    recs = []
+    for number in range(draw(st.integers(1, 4))):
+        state = draw(st.sampled_from(["COMPLETE", "COMPLETE", "PRUNED"]))
+        value = draw(SCORE)
+        recs.append({"trial": number, "baseline": None, "duplicate_of": None, "state": state,
+                     "values": [value] if state == "COMPLETE" else None,
+                     "heldout": draw(st.none() | SCORE.map(lambda v: [v])) if state == "COMPLETE" else None,
+                     "params": {"w.0": value, "method": method}, "recipe": recipe(),
+                     "stages": [{"step": 1, "scores": {"score": value}}], "reason": None})
+    baselines = {draw(st.sampled_from(["linear average", "x alone"])): {"values": [draw(SCORE)],
+                                                                        "heldout": [draw(SCORE)], "trial": None}}
+    directions = [draw(st.sampled_from(["maximize", "minimize"]))]
+    meta = {"name": draw(ALIAS), "objectives": ["score"], "directions": directions, "seed": draw(st.integers(0, 9)),
+            "model_paths": paths, "model_names": names, "stages": [1], "baselines": baselines,
+            "settings": {"space": {"kind": "weights", "models": aliases}, "sampler": "tpe", "pruner": "none",
+                         "trials": len(recs), "objectives": [{"kind": "custom"}]}}
+    return meta, recs, paths, user
+
+
+def yaml_blocks_of_a_card(card: str) -> list[str]:
+    import re
+
+    return [card.split("---\n")[1]] + re.findall(r"```yaml\n(.*?)```", card, re.S)
+
+
+@settings(max_examples=60, **SETTINGS)
+@given(folder=run_folders())
+def test_what_a_run_prints_and_publishes_parses_and_names_no_folder_of_the_machine(folder, tmp_path_factory):
+    import io
+    import json
+
+    from search.engine.model_card import is_hub_name
+    from search.results import export, publish, summary, winner
+    from search.results.verdict import winner_vs_baselines
+    from search.study import records
+
+    meta, recs, paths, user = folder
+    meta["verdict"] = winner_vs_baselines(recs, meta["directions"], meta["baselines"], {})
+    run_dir = tmp_path_factory.mktemp("printed") / meta["name"]
+    run_dir.mkdir()
+    records.write_atomic(run_dir / "run.json", json.dumps(meta))
+    records.write_trials(run_dir / "trials.jsonl", recs)
+    export.write_run_outputs(run_dir)
+    best = winner.winner(recs, meta["directions"])
+
+    out = io.StringIO()
+    summary.render(run_dir, summary.stdout_console(out))
+    printed = out.getvalue()
+    if best is None:
+        assert not (run_dir / "best.yaml").exists()
+        return
+    best_text = (run_dir / "best.yaml").read_text()
+    shown = printed.split(f"{run_dir / 'best.yaml'}:\n", 1)[1]
+    assert shown.rstrip("\n") == best_text.rstrip("\n") and yaml.safe_load(shown) == yaml.safe_load(best_text)
+    if winner.heldout_ties(recs, meta["directions"]):
+        assert winner.TIE_RULE in printed
+
+    for r in recs:  # what `export` prints or writes, for any trial
+        exported = export.recipe_text(r, meta, "recipe.yaml")
+        assert [d for d in yaml.safe_load_all(exported) if d] and loads(exported)  # mergekit's schema
+    assert yaml.safe_load(export.recipe_text(best, meta, "best.yaml")) == yaml.safe_load(best_text)
+
+    texts = publish.published_texts(best, meta, recs, "published")
+    for name, text in texts.items():
+        for path in [*paths.values(), f"/home/{user}", str(run_dir)]:
+            assert path not in text, (name, path)
+    public = set(meta["model_names"].values())
+    assert {m for s in loads(texts["mergekit_config.yml"]) for m in s.referenced_models()} <= public
+    blocks = yaml_blocks_of_a_card(texts["README.md"])
+    front = yaml.safe_load(blocks[0])
+    if "base_model" in front:  # hub ids only, and never an empty list
+        assert front["base_model"] and all(is_hub_name(n) for n in front["base_model"])
+    for block in blocks[1:]:
+        assert yaml.safe_load(block) is not None

@@ -144,6 +144,21 @@ def test_plots_that_do_not_apply_are_named_with_a_reason(runs):
     assert "several objectives" in pareto and "only one parameter (m)" in pareto
 
 
+def test_every_searched_parameter_is_drawn_or_named_with_the_reason_it_is_not(runs):
+    from search.results import importance
+    from search.results.report import load_view
+
+    view = load_view(runs["flat"])
+    imp = importance.compute(view.run_dir, view.meta, view.trials)
+    drawn = {p for per in imp.values.values() for p in per}
+    searched = {k for r in view.trials for k in r["params"]}
+    assert drawn | set(imp.left_out) == searched and not drawn & set(imp.left_out)
+    assert {"count", "every"} <= set(imp.left_out)  # asked only by the trials placed at the end / every k
+    page = html.unescape((runs["flat"] / "report" / "report.html").read_text())
+    for p, why in imp.left_out.items():
+        assert f"Not drawn: {p}: {why}" in page
+
+
 def test_the_runs_pruned_failed_and_rescored_trials_and_fanova_read_the_study(runs):
     staged, flat = trials_of(runs["staged"]), trials_of(runs["flat"])
     assert any(r["state"] == "PRUNED" for r in staged) and any(r.get("heldout") for r in staged)
@@ -198,12 +213,13 @@ def test_report_and_show_refuse_a_folder_that_is_not_a_run_in_one_line(bad, tmp_
 
 
 def show_text(run_dir: Path, width: int = 80) -> str:
+    """What `mergesearch show` prints on a terminal `width` columns wide."""
     from rich.console import Console
 
-    from search.commands.show_command import show
+    from search.results import summary
 
-    console = Console(width=width, record=True, force_terminal=False, color_system=None)
-    show(run_dir, console)
+    console = Console(width=width, record=True, force_terminal=True, color_system=None)
+    summary.render(run_dir, console)
     return console.export_text()
 
 
@@ -241,7 +257,7 @@ def test_the_end_of_run_summary_is_the_same_table_and_lists_the_files(runs):
 
     from search.results import summary
 
-    console = Console(width=80, record=True, force_terminal=False, color_system=None)
+    console = Console(width=80, record=True, force_terminal=True, color_system=None)
     summary.render(runs["staged"], console=console)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 80
@@ -269,3 +285,26 @@ def test_version_and_help_describe_the_tool(capsys):
         sub = capsys.readouterr().out
         description = sub.split("\n\n")[1]  # argparse: usage, blank line, description
         assert not description.lstrip().startswith(("positional arguments", "options")), command
+
+
+def test_the_history_shows_the_trials_and_the_best_baselines_not_squeezed_by_far_ones(tmp_path):
+    """Baselines far from the trials (a base model alone) and weak pruned trials fall off the scale, named in
+    the legend, so the trials and the best baselines fill the view."""
+    from search.results.report import RunView
+    from search.results import report_plots
+
+    trials = [{"trial": t, "state": "COMPLETE", "values": [1.5 - 0.01 * t], "params": {}} for t in range(10)]
+    trials += [{"trial": 10, "state": "PRUNED", "values": [8.0], "params": {}}]
+    baselines = [{"baseline": name, "values": [v]} for name, v in
+                 (("base alone", 12.77), ("ties", 1.59), ("average", 2.99), ("slerp", 2.62), ("cnt alone", 12.5))]
+    view = RunView(run_dir=tmp_path, meta={"name": "r", "objectives": ["loss"], "directions": ["minimize"]},
+                   trials=trials, baselines=baselines, top=[], front=[], winner=None)
+    fig = report_plots.history(view)
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo < 1.41 and 2.99 < hi < 4  # every trial and the three best baselines, and no more than a margin
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "baseline: base alone (12.77, off the scale above)" in labels
+    assert "baseline: cnt alone (12.5, off the scale above)" in labels
+    assert "pruned (1), off the scale above" in labels
+    assert "baseline: ties (1.59)" in labels

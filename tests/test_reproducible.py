@@ -7,13 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_driver import local_ray, trials_of, write_run, zoo  # noqa: E402,F401  (module fixtures)
 
-from search.study import records  # noqa: E402
 from search.run.driver import run  # noqa: E402
 from search.spec.runspec import load_spec  # noqa: E402
 

@@ -9,20 +9,18 @@ that ring runs here without a GPU.
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import assert_same_tensors
 from safetensors.torch import load_file
 
 from search.engine.errors import UserError
 from search.engine.materialize import Materializer
+from search.engine.memory_estimate import ALLOCATOR_SLACK, MemoryNeed
 from search.engine.memory_plan import (
-    HEADROOM_FIXED,
     LIMIT_ENV,
     RESIDENT,
     SHARED_MMAP,
     STREAMED,
     choose_sources_mode,
-    evaluation_headroom,
     forced_mode,
     parse_bytes,
     plan_memory,
@@ -31,36 +29,51 @@ from search.engine.recipe import loads
 
 GIB = 1 << 30
 
-# (source bytes, candidate bytes, headroom bytes, available bytes, device) -> mode
+def need(sources: int, candidate: int, evaluation: int = 0, runtime: int = 0, cache: int = 0, window: int = 0) -> MemoryNeed:
+    return MemoryNeed(runtime=runtime, sources=sources, candidate=candidate, temporaries=0, evaluation=evaluation,
+                      cache_useful=cache, window=window)
+
+
+# (source bytes, candidate bytes, evaluation bytes, available bytes, device) -> mode
 MODE_TABLE = [
     (56 * GIB, 14 * GIB, 3 * GIB, 139 * GIB, "cuda", RESIDENT),  # four 7B bf16 sources on an H200
     (56 * GIB, 14 * GIB, 3 * GIB, 44 * GIB, "cuda", STREAMED),  # ... on a 48 GB GPU
-    (56 * GIB, 14 * GIB, 3 * GIB, 73 * GIB, "cuda", RESIDENT),  # exactly fits
-    (56 * GIB, 14 * GIB, 3 * GIB, 73 * GIB - 1, "cuda", STREAMED),  # one byte short
+    (56 * GIB, 14 * GIB, 3 * GIB, 73 * GIB + ALLOCATOR_SLACK, "cuda", RESIDENT),  # exactly fits
+    (56 * GIB, 14 * GIB, 3 * GIB, 73 * GIB + ALLOCATOR_SLACK - 1, "cuda", STREAMED),  # one byte short
     (4 * GIB, 1 * GIB, 1 * GIB, 20 * GIB, "cpu", SHARED_MMAP),
     (40 * GIB, 10 * GIB, 2 * GIB, 20 * GIB, "cpu", STREAMED),
-    (0, 0, 0, 0, "cpu", SHARED_MMAP),
+    (0, 0, 0, ALLOCATOR_SLACK, "cpu", SHARED_MMAP),
 ]
 
 
-@pytest.mark.parametrize("sources,candidate,headroom,available,device,mode", MODE_TABLE)
-def test_mode_from_sizes(sources, candidate, headroom, available, device, mode):
-    assert choose_sources_mode(sources, candidate, headroom, available, device) == mode
+@pytest.mark.parametrize("sources,candidate,evaluation,available,device,mode", MODE_TABLE)
+def test_mode_from_sizes(sources, candidate, evaluation, available, device, mode):
+    assert choose_sources_mode(need(sources, candidate, evaluation), available, device) == mode
 
 
 def test_plan_from_a_limit_and_from_the_environment(monkeypatch):
     monkeypatch.delenv(LIMIT_ENV, raising=False)
-    assert evaluation_headroom(10 * GIB) == HEADROOM_FIXED + GIB
-    assert plan_memory(GIB, GIB, "cpu", limit=1).mode == STREAMED
-    assert plan_memory(GIB, GIB, "cpu", limit=1 << 50).mode == SHARED_MMAP
-    assert plan_memory(GIB, GIB, "cuda:0", limit=1 << 50).mode == RESIDENT
+    assert plan_memory(need(GIB, GIB), "cpu", limit=1).mode == STREAMED
+    assert plan_memory(need(GIB, GIB), "cpu", limit=1 << 50).mode == SHARED_MMAP
+    assert plan_memory(need(GIB, GIB), "cuda:0", limit=1 << 50).mode == RESIDENT
     monkeypatch.setenv(LIMIT_ENV, "2G")
-    plan = plan_memory(GIB, GIB, "cpu")
+    plan = plan_memory(need(GIB, GIB), "cpu")
     assert (plan.mode, plan.available_bytes, plan.limit_from) == (STREAMED, 2 * GIB, LIMIT_ENV)
     assert "streamed" in plan.describe() and "2.00 GiB available" in plan.describe()
     monkeypatch.setenv(LIMIT_ENV, "lots")
     with pytest.raises(UserError, match=LIMIT_ENV):
-        plan_memory(GIB, GIB, "cpu")
+        plan_memory(need(GIB, GIB), "cpu")
+
+
+def test_the_cache_gets_half_of_what_is_left_at_most_what_it_can_use():
+    """Caches are sized from the memory left, not fixed: what the other parts leave, halved, capped by use."""
+    plan = plan_memory(need(GIB, GIB, cache=8 * GIB), "cpu", limit=10 * GIB)
+    assert plan.cache_bytes == (10 * GIB - plan.need.required) // 2
+    assert plan.total_bytes == plan.need.required + plan.cache_bytes <= 10 * GIB
+    assert plan_memory(need(GIB, GIB, cache=GIB // 4), "cpu", limit=10 * GIB).cache_bytes == GIB // 4
+    streamed = plan_memory(need(8 * GIB, GIB, cache=8 * GIB, window=GIB // 8), "cpu", limit=4 * GIB)
+    assert streamed.mode == STREAMED and streamed.need.sources == GIB // 8  # the jobs in flight, not the sources
+    assert streamed.cache_bytes == (4 * GIB - streamed.need.required) // 2
 
 
 @pytest.mark.parametrize("text,value", [("123", 123), ("512M", 512 << 20), ("8G", 8 << 30), ("1.5t", 3 << 39),

@@ -9,9 +9,12 @@ a write (an OSError: permissions, a read-only or full disk), naming the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import os
 import sys
+import warnings
 
 from search.engine.errors import UserError
 from search.engine.recipe import RecipeError
@@ -40,16 +43,18 @@ COMMANDS = {
     "run": ("search.commands.run_command", "search merge recipes as a run spec describes",
             "Search merge recipes as a run spec (YAML) describes: models, a space of recipes, "
             "objectives with optional fidelity stages, a sampler and a pruner, a budget. Scores the "
-            "run's baselines (each model alone, the space's defaults, enqueued recipes) beside the "
+            "run's baselines (each model alone, the space's defaults, enqueued recipes) before the "
             "search, and ends by saying whether the winner beat the best of them. Writes "
             "runs/<name>/: the study, trials.jsonl, best.yaml (or pareto/), a report/ with plots, "
-            "and prints a summary. The same spec, seed and worker count give the same run. "
+            "and prints a summary on stdout (progress on stderr). The same spec, seed and worker "
+            "count give the same run. "
             "Ctrl-C stops it; --resume continues."),
     "show": ("search.commands.show_command", "print a run's summary: top trials, parameters, winner, files",
-             "Print a run's summary in the terminal, fitted to its width: trials complete / "
-             "pruned / failed, the top trials (or the Pareto front) with their scores and held-out "
-             "scores, their full parameters, the winner's YAML, and what each file of the run "
-             "folder is."),
+             "Print a run's summary, fitted to the terminal's width (unwrapped when stdout is no "
+             "terminal, so its YAML copies whole): trials complete / pruned / failed, the top trials "
+             "(or the Pareto front) with their scores and held-out scores, their full parameters, "
+             "the winner and the rule that picked it, the baselines, what each file of the run "
+             "folder is, and the winner's YAML."),
     "report": ("search.commands.report_command", "write a run's plots and report.html into RUN_DIR/report/",
                "Write PNG plots and one self-contained report.html (the plots embedded) into "
                "RUN_DIR/report/: optimization history, parameter importances, stage scores and "
@@ -90,7 +95,29 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Libraries' warnings (torch's note on a checkpoint's pickle protocol, transformers' deprecations) are
+    nothing a user of mergesearch can act on, which says what matters in its own lines: off while a command
+    runs, here and in the processes it starts (workers, mergekit). `python -W ...` or PYTHONWARNINGS shows
+    them again, TRANSFORMERS_VERBOSITY transformers' own."""
+    from search.workers.ray_workers import environment
+
+    quiet = {"TRANSFORMERS_VERBOSITY": os.environ.get("TRANSFORMERS_VERBOSITY", "error")}
+    if not sys.warnoptions:
+        quiet["PYTHONWARNINGS"] = "ignore"
+    with environment(quiet), warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore")
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
+    with quiet_libraries():
+        return _command(argv)
+
+
+def _command(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="mergesearch", description=ABOUT, epilog=START, formatter_class=argparse.RawDescriptionHelpFormatter
     )

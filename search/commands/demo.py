@@ -2,7 +2,7 @@
 
 1. build the zoo (cached: a second run reuses it),
 2. search merges of its specialists as runs/demo.yaml says, with 2 Ray workers; the
-   run scores its baselines beside the search: each specialist alone, the space's
+   run scores its baselines before the search: each specialist alone, the space's
    defaults (the plain average and TIES of all four specialists), and the hand-written
    merge the spec enqueues (runs/ties-4.yml),
 3. export the winner as mergekit YAML and rebuild it with mergekit,

@@ -119,8 +119,10 @@ def _one_trial(args: argparse.Namespace, run_dir: Path, recs: list[dict], direct
 
 
 def _materialize(args: argparse.Namespace, run_dir: Path, meta: dict, recs: list[dict]) -> int:
-    from search.results import publish
     from search.engine.merge_command import Progress, recipe_file_name
+    from search.engine.model_card import not_on_the_hub
+    from search.results import publish, run_card
+    from search.results.verdict import verdict_line
 
     for given, flag in ((args.top is not None, "--top"), (args.out, "OUT"), (args.local_paths, "--local-paths")):
         if given:
@@ -134,8 +136,15 @@ def _materialize(args: argparse.Namespace, run_dir: Path, meta: dict, recs: list
     except UserError as e:  # the engine names its folder OUT_DIR; here it is this option's
         raise UserError(str(e).replace("OUT_DIR ", "--materialize ", 1)) from None
     print(f"built trial {record['trial']} into {out} (model card: README.md)", file=sys.stderr)
-    recipe_file = recipe_file_name(recipes.loads(record["recipe"]))
-    _say_how_to_rebuild([record], meta, str(out / recipe_file), local_paths=False)
+    stages = recipes.loads(record["recipe"])
+    unlisted = not_on_the_hub(run_card.base_models(stages, meta))
+    if unlisted:
+        print(f"the model card names {', '.join(unlisted)} in its text but not in `base_model`, which takes hub "
+              "ids only; give each its hub id as `name:` under the run spec's models", file=sys.stderr)
+    verdict = verdict_line(meta.get("verdict"))
+    if verdict:  # what was built is worth publishing only if it beat the hand-written merges
+        print(f"verdict of the run: {verdict}", file=sys.stderr)
+    _say_how_to_rebuild([record], meta, str(out / recipe_file_name(stages)), local_paths=False)
     print(out)
     return 0
 

@@ -15,6 +15,9 @@ Where to start reading: recipe.py (the schema) -> plan.py (which tensors each
 output tensor is made of) -> materialize.py (running the plan) -> methods/ (the
 math, one small function per method) and moe.py (Mixtral assembly); output.py
 and merge_command.py write a recipe's result to disk (`mergesearch merge`).
+Vocabularies that differ (`tokenizer_source`, `tokenizer:`): stage_tokenizers.py, then
+vocabulary.py (the output tokenizer) and vocabulary_rows.py (the re-indexed embeddings).
+LoRA adapters (`model+adapter`): lora.py (what an adapter changes) and lora_merge.py (the math).
 
 Import rule (tests/test_layout.py): the engine imports nothing from the rest of
 `search`, nor from `spaces` or `objectives`; everything else may import it.

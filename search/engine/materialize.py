@@ -20,17 +20,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from search.engine.checkpoint_layout import convert_tensors, converted_infos
 from search.engine.errors import UserError
+from search.engine.lora import Adapter, check_fits, split_adapter
+from search.engine.lora_merge import load_adapter, with_adapter
+from search.engine.hf_config import hf_config
+from search.engine.memory_estimate import MemoryNeed, source_shapes, worker_need
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
+from search.engine.methods.lanes import lane_count
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
-from search.engine.recipe import MergeRecipe, MoERecipe, Recipe, as_stages, check_stage_names
+from search.engine.recipe import MoERecipe, Recipe, as_stages, check_stage_names
 from search.engine.sources import (
     CONVERT_PIECE,
     SourceModel,
@@ -41,10 +48,24 @@ from search.engine.sources import (
     read_tensor_infos,
     source_bytes,
 )
+from search.engine.stage_tokenizers import StageTokenizers
 from search.engine.streaming import SourceStream, StreamedJobs
+from search.engine.tokenizer_config import stage_setting
 
 if TYPE_CHECKING:  # transformers is imported where it is used: `mergesearch merge` rarely needs it
     import transformers
+
+
+def resolve_adapter_path(name: str, adapter: str, model_map: dict[str, str]) -> Path:
+    """The local folder of the adapter of `name` (`model+adapter`): mapped, or a folder of that name."""
+    if adapter in model_map:
+        return Path(model_map[adapter]).expanduser()
+    if Path(adapter).expanduser().is_dir():
+        return Path(adapter).expanduser()
+    raise UserError(
+        f"model {name}: adapter {adapter} is neither mapped nor a local folder; "
+        f"pass --model-map {adapter}=/path/to/adapter or use a local path"
+    )
 
 
 def resolve_model_path(name: str, model_map: dict[str, str]) -> Path:
@@ -77,69 +98,113 @@ class Materializer:
         models: dict[str, str | Path],
         device: str = "cpu",
         *,
+        adapters: dict[str, str | Path] | None = None,
         allow_pickle: bool = False,
-        cache_bytes: int = 2 << 30,
+        cache_bytes: int | None = None,
         resident_models: int = 2,
         keep_converted: bool = True,
         memory_limit: int | None = None,
         sources: str | None = None,
         stage_sources: bool = False,
+        eval_tokens: int = 0,
+        one_shot: bool = False,
     ):
         """models: name as written in recipes -> local HF folder (names that are local
-        folders themselves need no entry). cache_bytes bounds the per-pair statistics
-        kept across candidates; resident_models bounds the preallocated live models
-        (one per output shape). keep_converted: keep each source tensor converted to a
-        recipe's `dtype:` for the next candidate (a copy of the sources in that dtype);
-        False converts tensor by tensor into reused buffers, for a one-shot build.
-        memory_limit: bytes the sources, a candidate and evaluation may use (default:
-        MERGESEARCH_MEMORY_LIMIT, else the device's free memory); sources: "streamed"
-        or "resident" forces the mode instead. stage_sources: copy streamed sources
-        into staging buffers on the device job by job (always done when streaming to a
-        GPU; True does it on the CPU too: a GPU's streamed path, run without a GPU)."""
+        folders themselves need no entry); a name `model+adapter` reads both parts so, as mergekit
+        does. adapters: name -> a LoRA adapter folder merged into that model (a run spec's `lora:`).
+        cache_bytes bounds the per-pair statistics
+        kept across candidates (None: sized by the memory plan from what is left);
+        resident_models bounds the preallocated live models (one per output shape).
+        keep_converted: keep each source tensor converted to a recipe's `dtype:` for the
+        next candidate (a copy of the sources in that dtype); False converts tensor by
+        tensor into reused buffers. memory_limit: bytes this process may use (default:
+        MERGESEARCH_MEMORY_LIMIT, else the device's free memory and what the process holds);
+        sources: "streamed" or "resident" forces the mode instead. stage_sources: copy
+        streamed sources into staging buffers on the device job by job (always done when
+        streaming to a GPU; True does it on the CPU too: a GPU's streamed path, run
+        without a GPU). eval_tokens: padded tokens of the largest forward pass the caller
+        evaluates candidates with (its share of the memory plan). one_shot: one build
+        (`mergesearch merge`): nothing is kept for a next candidate (no cache, no converted
+        sources), and each source tensor's pages are let go once its job is done."""
         self.model_map = {k: str(v) for k, v in models.items()}
+        self.adapters = {k: str(v) for k, v in (adapters or {}).items()}
+        self._adapters: dict[str, tuple[Adapter, dict[str, torch.Tensor]]] = {}
         self.device = device
         self.allow_pickle = allow_pickle
-        self.cache = StatCache(cache_bytes)
+        self._cache_bytes = 0 if one_shot else cache_bytes
+        self.cache = StatCache(self._cache_bytes or 0)
         self._sources: dict[str, SourceModel] = {}
         self._infos: dict[str, ModelInfo] = {}
-        self._tokenizers: dict[str, transformers.PreTrainedTokenizerBase] = {}
+        self._tokenizers = StageTokenizers(self.path, lambda name: self.info(name).config.get("vocab_size"), self.cache)
         self._resident: OrderedDict[str, _ResidentModel] = OrderedDict()
         self._resident_limit = resident_models
         self._buffers: dict = {}  # scratch buffers, reused by every pass of every candidate
-        self.keep_converted = keep_converted
+        self.keep_converted = keep_converted and not one_shot
+        self.one_shot = one_shot
+        self.eval_tokens = eval_tokens
         self.memory_limit = memory_limit
+        self.plan_raised = False  # the memory plan grew for a recipe (memory_plan); the caller may say so
         self._forced_mode = sources
         self._memory: MemoryPlan | None = None
+        self._runtime: int | None = None  # the process's own memory when the plan was made
         self._stage_sources = stage_sources
         self._stream: SourceStream | None = None
 
     # ---- sources -----------------------------------------------------------------
 
     def path(self, name: str) -> Path:
-        return resolve_model_path(name, self.model_map)
+        """The folder of a model's config and weights (the base model's, for `model+adapter`)."""
+        return resolve_model_path(split_adapter(name)[0], self.model_map)
+
+    def adapter_path(self, name: str) -> Path | None:
+        """The LoRA adapter folder merged into model `name`, or None."""
+        if name in self.adapters:
+            return Path(self.adapters[name]).expanduser()
+        _, adapter = split_adapter(name)
+        return None if adapter is None else resolve_adapter_path(name, adapter, self.model_map)
+
+    def adapter(self, name: str) -> tuple[Adapter, dict[str, torch.Tensor]] | None:
+        """Model `name`'s adapter and its weights, read once; None for a model without one."""
+        folder = self.adapter_path(name)
+        if folder is None:
+            return None
+        if name not in self._adapters:
+            self._adapters[name] = load_adapter(split_adapter(name)[1] or name, folder, self.allow_pickle)
+        return self._adapters[name]
 
     def source(self, name: str) -> SourceModel:
-        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed)."""
+        """A source model, loaded on first use and kept (on the device, or mapped on the host when streamed);
+        its adapter, if it has one, merged in once."""
         if name not in self._sources:
             where = "cpu" if self.streamed else self.device  # streamed: mapped on the host, copied per job
-            self._sources[name] = load_source(name, self.path(name), where, self.allow_pickle)
+            adapter = self.adapter(name)
+            # an adapter is merged on the CPU, as mergekit does, then the result goes where sources live
+            src = load_source(name, self.path(name), where if adapter is None else "cpu", self.allow_pickle)
+            convert_tensors(src.config, src.tensors)
+            self._sources[name] = src if adapter is None else with_adapter(src, *adapter, where)
         return self._sources[name]
 
     def memory_plan(self, plans: list | None = None) -> MemoryPlan:
-        """How the sources are kept, decided once, before the first source loads: the sources of the
-        model map (and of `plans`, the first recipe), one candidate (the recipe's output, else the
-        largest source) and evaluation headroom against the device's free memory or the limit."""
+        """How the sources are kept and what the worker's memory holds (search/engine/memory_plan.py), decided
+        before the first source loads from the sources of the model map (and of `plans`). A later recipe
+        that needs more (a larger output, intermediates, a dtype conversion) raises the estimate (and
+        `plan_raised`); the mode stays as decided."""
+        if self._memory is not None and not plans:
+            return self._memory
+        need = memory_need(self, plans)
         if self._memory is None:
-            names = list(self.model_map) + [m for p in plans or [] if isinstance(p, StagePlan) for m in _read_models(p)]
-            sizes = _source_sizes(self, names)
-            final = (plans or [None])[-1]
-            candidate = max(sizes, default=0)  # a candidate of a source's shape, until a recipe says
-            if isinstance(final, StagePlan):
-                candidate = sum(t.numel_bytes for t in final.output.tensors.values())
-            plan = plan_memory(sum(sizes), candidate, str(self.device), self.memory_limit)
-            if self._forced_mode is not None:
-                plan = dataclasses.replace(plan, mode=forced_mode(self._forced_mode, str(self.device)), limit_from="forced")
-            self._memory = plan
+            mode = forced_mode(self._forced_mode, str(self.device)) if self._forced_mode is not None else None
+            self._memory = plan_memory(need, str(self.device), self.memory_limit, mode=mode)
+            if mode is not None:
+                self._memory = dataclasses.replace(self._memory, limit_from="forced")
+        else:
+            kept = need.streamed() if self._memory.mode == STREAMED else need
+            if kept.required > self._memory.need.required:
+                self._memory = dataclasses.replace(plan_memory(need, str(self.device), self.memory_limit, mode=self._memory.mode),
+                                                   limit_from=self._memory.limit_from)
+                self.plan_raised = True
+        if self._cache_bytes is None:
+            self.cache.max_bytes = self._memory.cache_bytes
         return self._memory
 
     @property
@@ -164,7 +229,13 @@ class Materializer:
             else:
                 path = self.path(name)
                 config = read_config(name, path)
-                self._infos[name] = ModelInfo(name, config, read_tensor_infos(name, path, self.allow_pickle))
+                tensors = converted_infos(config, read_tensor_infos(name, path, self.allow_pickle))
+                adapter = self.adapter(name)
+                if adapter is not None:  # it changes tensors, never their shapes or dtypes
+                    lora, weights = adapter
+                    shapes = {k: tuple(v.shape) for k, v in weights.items()}
+                    check_fits(lora, shapes, {k: t.shape for k, t in tensors.items()}, split_adapter(name)[0])
+                self._infos[name] = ModelInfo(name, config, tensors)
         return self._infos[name]
 
     # ---- planning ----------------------------------------------------------------
@@ -175,6 +246,7 @@ class Materializer:
         check_stage_names(stages)
         plans: list[StagePlan | MoERecipe] = []
         earlier: dict[str, ModelInfo] = {}
+        named: dict[str, Recipe] = {}
         for k, stage in enumerate(stages):
             where = "recipe" if len(stages) == 1 else f"recipe (document {k + 1})"
             if isinstance(stage, MoERecipe):
@@ -182,56 +254,26 @@ class Materializer:
                     raise UserError(f"{where}: a mergekit-moe stage must be the last stage; move it to the end")
                 plans.append(stage)
                 continue
-            plan = plan_stage(stage, lambda n: earlier[n] if n in earlier else self.info(n), where)
-            self._check_vocabulary(stage, plan, earlier, where)
+            info = lambda n: earlier[n] if n in earlier else self.info(n)  # noqa: E731
+            vocabulary = self._tokenizers.vocabulary(stage, named, lambda n: earlier[n].config.get("vocab_size"), where)
+            plan = plan_stage(stage, info, where, vocabulary_size=vocabulary.size if vocabulary else None)
+            if vocabulary is not None:
+                plan.vocabulary = vocabulary
+                for job in plan.jobs:  # what mergekit would fail on while merging, found now
+                    if job.vocabulary_axis is not None:
+                        rows = [info(m).tensors[n].shape[job.vocabulary_axis] for m, n in zip(job.models, job.tensors)]
+                        self._tokenizers.row_plan(plan, job, rows, where)
             if stage.name:
                 earlier[stage.name] = plan.output
+                named[stage.name] = stage
             plans.append(plan)
         return plans
-
-    def _check_vocabulary(self, stage: MergeRecipe, plan: StagePlan, earlier: dict, where: str) -> None:
-        """With `tokenizer_source`/`tokenizer`, mergekit rebuilds the vocabulary and re-indexes the
-        embeddings. Where every model has one vocabulary that fills its embedding rows, that
-        re-indexing is the identity and the merge is the plain one; other cases are refused."""
-        if not stage.tokenizer_source and not stage.tokenizer:
-            return
-        field = "tokenizer_source" if stage.tokenizer_source else "tokenizer"
-        settings = stage.tokenizer or {}
-        if settings.get("tokens"):
-            raise UserError(f"{where}: tokenizer.tokens is not supported in memory; remove it (or build this merge with mergekit)")
-        rows = {j.shape[0] for j in plan.jobs if j.name.endswith("embed_tokens.weight")}
-        vocabs = {}
-        for name in stage.referenced_models():
-            if name in earlier:
-                continue
-            vocabs[name] = self._vocabulary(name)
-        first = next(iter(vocabs.values()), None)
-        for name, v in vocabs.items():
-            if v != first:
-                raise UserError(
-                    f"{where}.{field}: {name}'s vocabulary differs from the other models'; "
-                    "mergesearch merges only models that share one tokenizer - remove the odd model or the tokenizer setting"
-                )
-        pad = settings.get("pad_to_multiple_of")
-        size = len(first or {})
-        if pad and size % pad:
-            size += pad - size % pad
-        if first is not None and rows and rows != {size}:
-            raise UserError(
-                f"{where}.{field}: the embeddings have {rows.pop()} rows but the tokenizer has {size} tokens, "
-                "so mergekit would resize them; remove the tokenizer setting to keep the rows as they are"
-            )
-
-    def _vocabulary(self, name: str) -> dict:
-        path = str(self.path(name))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path].get_vocab()
 
     # ---- building ----------------------------------------------------------------
 
     def state_dict(
-        self, recipe: Recipe | list[Recipe], seed: int | None = None, out: dict[str, torch.Tensor] | None = None
+        self, recipe: Recipe | list[Recipe], seed: int | None = None, out: dict[str, torch.Tensor] | None = None,
+        pages=None,
     ) -> tuple[dict, dict[str, torch.Tensor]]:
         """(config.json as a dict, output tensors by name), exactly as mergekit would write them.
 
@@ -242,9 +284,10 @@ class Materializer:
         (`plan(recipe)[-1].output.tensors`), e.g. views of memory-mapped safetensors
         files (search/engine/output.py's MappedShards): each result is computed into, or
         copied into, its buffer. `mergesearch merge` uses it to skip a copy of the
-        whole model."""
+        whole model. pages: optional, with release(name), called for each buffer of `out` once its
+        tensor is written (MappedShards: the process then holds one output tensor's pages at a time)."""
         plans = self.plan(recipe)
-        return self._build(plans, seed, outputs=None if out is None else _GivenBuffers(out))
+        return self._build(plans, seed, outputs=None if out is None else _GivenBuffers(out, pages))
 
     def materialize(self, recipe: Recipe | list[Recipe], seed: int | None = None) -> transformers.PreTrainedModel:
         """A live model in eval mode. Models of the same output shape are one resident model,
@@ -252,7 +295,14 @@ class Materializer:
         plans = self.plan(recipe)
         final = plans[-1]
         if isinstance(final, MoERecipe):
+            for resident in self._resident.values():  # drop the last mixture's tensors before making the next
+                resident.release()
             config, tensors = self._build(plans, seed, outputs=None)
+            if "auto_map" in config:  # DeepSeek-MoE: its model is remote code transformers 5 lacks
+                raise UserError(
+                    f"{config['architectures'][0]}: mergekit-moe writes this recipe as a model whose code transformers 5 "
+                    "lacks, so it cannot be scored; build it with `mergesearch merge`, or use no shared expert (a Mixtral)"
+                )
             resident = self._resident_model(config, list(tensors), next(iter(tensors.values())).dtype)
             if resident is None:
                 return _model_from_tensors(config, tensors, self.device)
@@ -268,25 +318,18 @@ class Materializer:
         return resident.model
 
     def tokenizer(self, recipe: Recipe | list[Recipe]) -> transformers.PreTrainedTokenizerBase:
-        """The tokenizer mergekit would save with the merge: tokenizer_source's, else the base model's."""
+        """The tokenizer mergekit would save with the merge: the one a tokenizer setting builds, else the base
+        model's. The same object for every candidate of one setting: do not modify it."""
         stages = as_stages(recipe)
-        names = {s.name: s for s in stages if s.name}
-        stage = stages[-1]
-        while True:
-            donor = _tokenizer_donor(stage)
-            if donor in names and names[donor] is not stage:
-                stage = names[donor]
-                continue
-            break
-        path = str(self.path(donor))
-        if path not in self._tokenizers:
-            self._tokenizers[path] = _auto_tokenizer(path)
-        return self._tokenizers[path]
+        if any(stage_setting(s) for s in stages):
+            self.plan(stages)  # builds their vocabularies, or finds them built
+        return self._tokenizers.output_tokenizer(stages)
 
     # ---- internals ---------------------------------------------------------------
 
     def _build(self, plans, seed, outputs: "_ResidentModel | None"):
         self.memory_plan(plans)  # decided before the first source loads
+        self.cache.new_candidate()
         earlier: dict[str, SourceModel] = {}
         config, tensors = {}, {}
         for k, plan in enumerate(plans):
@@ -317,9 +360,16 @@ class Materializer:
                 staged = streamed.take(k) if streamed is not None else None
                 if streamed is None and self.streamed and k + 1 < len(jobs):
                     self._read_ahead(jobs[k + 1], earlier)
+                pages = getattr(outputs, "pages", None)
                 self._run_job(plan, job, earlier, ctx, staged, results, outputs)
+                if pages is not None:
+                    pages.release(job.name)
                 if streamed is not None:
                     streamed.done(k)
+                if self.one_shot or self.streamed:  # keep only the jobs in flight of the sources' pages
+                    for m, n in zip(job.models, job.tensors):
+                        if m not in earlier:
+                            self.source(m).release([n])
         finally:
             if streamed is not None:
                 streamed.close()
@@ -389,6 +439,9 @@ class Materializer:
                 tensors.append(convert_into(buffer.view(stored.shape), stored, piece))
                 transient.append(tensors[-1])
             keys.append((m, n, work) if resident else None)
+        if plan.vocabulary is not None and job.vocabulary_axis is not None:
+            tensors, keys = self._tokenizers.reindexed(plan, job, tensors, keys)
+            transient = [t for t in transient if any(t is x for x in tensors)]
         return Inputs(name=job.name, tensors=tensors, keys=keys, base_index=job.base_index), transient
 
     def _resident_model(self, config: dict, names: list[str], dtype: torch.dtype) -> "_ResidentModel | None":
@@ -423,7 +476,7 @@ class _ResidentModel:
         import transformers
         from transformers.initialization import no_init_weights
 
-        cfg = _hf_config(config)
+        cfg = hf_config(config)
         with no_init_weights():
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.tie_weights()  # no_init_weights also skips tying
@@ -432,6 +485,11 @@ class _ResidentModel:
         if set(params) - set(names) or set(names) - set(dict(model.named_parameters(remove_duplicate=False))):
             return None
         return cls(model, {n: params[n] for n in names if n in params})
+
+    def release(self) -> None:
+        """Point every parameter back at its owned buffer, letting go of the tensors it was pointed at."""
+        for name, p in self.params.items():
+            p.data = self.owned[name]
 
     def assign(self, name: str, tensor: torch.Tensor, aliased: bool) -> None:
         """Point parameter `name` at a source tensor (aliased) or put `tensor` in its owned buffer."""
@@ -450,8 +508,9 @@ class _ResidentModel:
 class _GivenBuffers:
     """Output buffers a caller of state_dict(out=...) provides: every result ends up in its buffer."""
 
-    def __init__(self, buffers: dict[str, torch.Tensor]):
+    def __init__(self, buffers: dict[str, torch.Tensor], pages=None):
         self.owned = buffers
+        self.pages = pages
 
     def assign(self, name: str, tensor: torch.Tensor, aliased: bool) -> None:
         own = self.owned.get(name)
@@ -460,14 +519,6 @@ class _GivenBuffers:
         if tensor.dtype != own.dtype or tensor.shape != own.shape:
             raise RuntimeError(f"{name}: result is {tensor.dtype}{list(tensor.shape)}, its buffer {own.dtype}{list(own.shape)}")
         own.copy_(tensor)
-
-
-def _hf_config(config: dict) -> transformers.PretrainedConfig:
-    import transformers
-
-    d = dict(config)
-    model_type = d.pop("model_type")
-    return transformers.AutoConfig.for_model(model_type, **d)
 
 
 def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: str) -> transformers.PreTrainedModel:
@@ -484,34 +535,77 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
     return model.to(device).eval().requires_grad_(False)
 
 
-def _auto_tokenizer(path: str) -> "transformers.PreTrainedTokenizerBase":
-    import transformers
-
-    return transformers.AutoTokenizer.from_pretrained(path)
-
-
-def _tokenizer_donor(stage: Recipe) -> str:
-    if isinstance(stage, MergeRecipe):
-        if stage.tokenizer_source and stage.tokenizer_source not in ("base", "union"):
-            return stage.tokenizer_source
-        if stage.tokenizer and stage.tokenizer.get("source") not in (None, "base", "union"):
-            return stage.tokenizer["source"]
-    return stage.base_model or stage.referenced_models()[0]
-
-
-
-def _source_sizes(mat: Materializer, names: list[str]) -> list[int]:
-    """Bytes of each distinct source folder these names stand for (names that resolve to none are skipped:
-    a model no recipe may use; its error comes when one does)."""
-    sizes = {}
+def memory_need(mat: Materializer, plans: list | None = None) -> MemoryNeed:
+    """What a worker building `plans` (else candidates of its sources' shape) needs (memory_estimate.py).
+    The sources are those of the model map and of the plans, each distinct folder once; names that
+    resolve to none are skipped (a model no recipe may use; its error comes when one does)."""
+    names = list(mat.model_map)
+    for p in plans or []:
+        names += _read_models(p) if isinstance(p, StagePlan) else p.referenced_models()
+    sources, seen, first_config = [], set(), None
     for name in dict.fromkeys(names):
         try:
-            path = mat.path(name).resolve()
-            if path not in sizes:
-                sizes[path] = source_bytes(name, path, mat.allow_pickle)
+            if name in mat._sources and not mat._sources[name].mapped:  # added as tensors (add_source)
+                key, size = ("added", name), sum(t.numel() * t.element_size() for t in mat._sources[name].tensors.values())
+            else:
+                key = mat.path(name).resolve()
+                size = source_bytes(name, key, mat.allow_pickle)
+            if key in seen:
+                continue
+            seen.add(key)
+            info = mat.info(name)
         except UserError:
             continue
-    return list(sizes.values())
+        first_config = first_config or info.config
+        sources.append((size, [(math.prod(t.shape), t.dtype.itemsize) for t in info.tensors.values()]))
+    shapes = source_shapes(sources)
+    final = (plans or [None])[-1]
+    candidate, config, work = max((s for s, _ in sources), default=0), first_config or {}, None
+    if isinstance(final, StagePlan):
+        candidate, config = sum(t.numel_bytes for t in final.output.tensors.values()), final.config
+        work = final.dtype.itemsize if final.dtype is not None else None
+    elif isinstance(final, MoERecipe):
+        candidate = _moe_bytes(mat, final)
+    intermediates = sum(sum(t.numel_bytes for t in p.output.tensors.values()) for p in (plans or [])[:-1] if isinstance(p, StagePlan))
+    return worker_need(
+        shapes, runtime=_runtime_bytes(mat), candidate=candidate, intermediates=intermediates, work_itemsize=work,
+        keep_converted=mat.keep_converted, eval_tokens=mat.eval_tokens, eval_config=config,
+        lanes=lane_count(mat.device), staging=mat._stage_sources or torch.device(mat.device).type != "cpu",
+        cache_limit=mat._cache_bytes,
+    )
+
+
+def _moe_bytes(mat: Materializer, recipe: MoERecipe) -> int:
+    """A mixture's size: the base's tensors outside its MLPs, plus every expert's MLPs (the base's shape)."""
+    try:
+        tensors = mat.info(recipe.base_model).tensors
+    except UserError:
+        return 0
+    mlp = sum(t.numel_bytes for n, t in tensors.items() if ".mlp." in n)
+    return sum(t.numel_bytes for t in tensors.values()) - mlp + mlp * len(recipe.experts)
+
+
+def _runtime_bytes(mat: Materializer) -> int:
+    """What the process holds already, measured once: its resident set on the CPU, torch's allocations on a
+    GPU; less the sources already in that memory (added as tensors), which the estimate counts as sources."""
+    if mat._runtime is None:
+        device = torch.device(mat.device)
+        held = resident_set_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+        loaded = sum(t.numel() * t.element_size() for s in mat._sources.values() if not s.mapped
+                     for t in s.tensors.values() if t.device.type == device.type)
+        mat._runtime = max(0, held - loaded)
+    return mat._runtime
+
+
+def resident_set_bytes() -> int:
+    """This process's resident set now (VmRSS), 0 where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _read_models(plan: StagePlan) -> list[str]:

@@ -1,12 +1,13 @@
-"""Where a worker keeps its source models: on its device, or streamed to it as the merge passes need them.
+"""Where a worker keeps its source models, decided from the memory it needs: on its device, or streamed.
 
-A worker needs its sources, one candidate and room to evaluate it. When all three fit
-in the memory its device has free, the sources stay there ("resident" on a GPU;
-"shared-mmap" on the CPU, where they are read-only views of the files' page cache,
-one copy per node whichever number of workers reads them). When they do not fit, the
-sources stay memory-mapped on the host and each merge pass reads (CPU) or copies
-(GPU, one job ahead on a side stream) only the tensors it works on: "streamed".
-Both give the same bits; streaming costs the copies.
+A worker needs its runtime, its sources, one candidate, the merge's temporaries, room to
+evaluate and a cache (memory_estimate.py has the parts). When all but the cache fit in the
+memory its device has free, the sources stay there ("resident" on a GPU; "shared-mmap" on the
+CPU, where they are read-only views of the files' page cache, one copy per node whichever number
+of workers reads them). When they do not fit, the sources stay memory-mapped on the host and each
+merge pass reads (CPU) or copies (GPU, one job ahead on a side stream) only the tensors it works
+on, and lets go of them after: "streamed". Both give the same bits; streaming costs the copies.
+The cache gets a share of what is left (memory_estimate.cache_bound), never a fixed size.
 
 MERGESEARCH_MEMORY_LIMIT (bytes, or with a K/M/G/T suffix) replaces the memory the
 device reports: a small limit forces streaming, a large one keeps sources resident.
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from search.engine.errors import UserError
+from search.engine.memory_estimate import ALLOCATOR_SLACK, MemoryNeed, cache_bound, gib
 
 RESIDENT = "resident"  # sources copied once onto the worker's GPU
 SHARED_MMAP = "shared-mmap"  # CPU: sources are views of the files' page cache, shared by the node's workers
@@ -28,49 +30,50 @@ MODES = (RESIDENT, SHARED_MMAP, STREAMED)
 
 LIMIT_ENV = "MERGESEARCH_MEMORY_LIMIT"
 
-# Room to evaluate a candidate: activations, logits, the KV cache and the allocator's slack.
-# Logits alone are batch x length x vocabulary floats (8 x 2048 x 32000 x 4 bytes = 2 GiB),
-# so a fixed part; the rest grows with the model.
-HEADROOM_FIXED = 1 << 30
-HEADROOM_FRACTION = 0.1
-
 
 @dataclass(frozen=True)
 class MemoryPlan:
     mode: str
-    source_bytes: int
-    candidate_bytes: int
-    headroom_bytes: int
+    need: MemoryNeed  # the parts, sources as this mode keeps them
+    cache_bytes: int  # the statistics cache's bound
     available_bytes: int
     limit_from: str  # where available_bytes comes from: the device, the host, or MERGESEARCH_MEMORY_LIMIT
 
+    @property
+    def total_bytes(self) -> int:
+        """The estimate: every part, the cache at its bound."""
+        return self.need.required + self.cache_bytes
+
+    @property
+    def source_bytes(self) -> int:
+        return self.need.sources
+
+    @property
+    def candidate_bytes(self) -> int:
+        return self.need.candidate
+
     def describe(self) -> str:
-        need = self.source_bytes + self.candidate_bytes + self.headroom_bytes
-        relation = "<=" if need <= self.available_bytes else ">"
+        n = self.need
+        relation = "<=" if self.total_bytes <= self.available_bytes else ">"
+        sources = f"sources {gib(n.sources)}" + (" (the jobs in flight)" if self.mode == STREAMED else "")
         return (
-            f"sources {self.mode}: sources {gib(self.source_bytes)} + candidate {gib(self.candidate_bytes)} + "
-            f"headroom {gib(self.headroom_bytes)} {relation} {gib(self.available_bytes)} available ({self.limit_from})"
+            f"sources {self.mode}: runtime {gib(n.runtime)} + {sources} + candidate {gib(n.candidate)} + "
+            f"merge temporaries {gib(n.temporaries)} + evaluation {gib(n.evaluation)} + allocator {gib(ALLOCATOR_SLACK)} + "
+            f"cache {gib(self.cache_bytes)} (of {gib(n.cache_useful)} usable) = {gib(self.total_bytes)} "
+            f"{relation} {gib(self.available_bytes)} available ({self.limit_from})"
         )
 
 
-def gib(n: int) -> str:
-    return f"{n / (1 << 30):.2f} GiB"
-
-
-def evaluation_headroom(candidate_bytes: int) -> int:
-    return HEADROOM_FIXED + int(HEADROOM_FRACTION * candidate_bytes)
-
-
-def choose_sources_mode(source_bytes: int, candidate_bytes: int, headroom_bytes: int, available_bytes: int,
-                        device_type: str) -> str:
-    """The mode for these sizes: on the device when sources, candidate and headroom fit, else streamed."""
-    if source_bytes + candidate_bytes + headroom_bytes > available_bytes:
+def choose_sources_mode(need: MemoryNeed, available_bytes: int, device_type: str) -> str:
+    """The mode for this need: on the device when all but the cache fits, else streamed."""
+    if need.required > available_bytes:
         return STREAMED
     return SHARED_MMAP if device_type == "cpu" else RESIDENT
 
 
-def plan_memory(source_bytes: int, candidate_bytes: int, device: str, limit: int | None = None) -> MemoryPlan:
-    """The plan for `device`: `limit` (else MERGESEARCH_MEMORY_LIMIT, else what the device has free)."""
+def plan_memory(need: MemoryNeed, device: str, limit: int | None = None, mode: str | None = None) -> MemoryPlan:
+    """The plan for `device`: `limit` (else MERGESEARCH_MEMORY_LIMIT, else what the device has free);
+    `mode` forces the mode (a forced or an earlier decision) instead of choosing it."""
     device_type = device.split(":")[0]
     if limit is None:
         limit = memory_limit_from_env()
@@ -78,10 +81,11 @@ def plan_memory(source_bytes: int, candidate_bytes: int, device: str, limit: int
     else:
         limit_from = "limit given"
     if limit is None:
-        limit, limit_from = available_memory(device)
-    headroom = evaluation_headroom(candidate_bytes)
-    mode = choose_sources_mode(source_bytes, candidate_bytes, headroom, limit, device_type)
-    return MemoryPlan(mode, source_bytes, candidate_bytes, headroom, limit, limit_from)
+        free, limit_from = available_memory(device)
+        limit = free + need.runtime  # the runtime is in memory already: what is free comes on top of it
+    mode = mode or choose_sources_mode(need, limit, device_type)
+    kept = need.streamed() if mode == STREAMED else need
+    return MemoryPlan(mode, kept, cache_bound(limit, kept), limit, limit_from)
 
 
 def forced_mode(mode: str, device: str) -> str:

@@ -26,7 +26,10 @@ from pathlib import Path
 
 from search.engine import output, recipe, safe_yaml
 from search.engine.errors import UserError, short
+from search.engine.lora import split_adapter
+from search.engine.omp_wait import sleep_when_idle
 from search.engine.recipe import MoERecipe, Recipe
+from search.engine.tokenizer_config import stage_setting
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,23 +84,27 @@ def parse_model_map(items: list[str]) -> dict[str, str]:
 
 
 def source_model_names(stages: list[Recipe]) -> list[str]:
-    """Every model the stages read that no earlier stage builds, in order of first mention."""
+    """Every model the stages read that no earlier stage builds, in order of first mention (a model
+    named only as tokenizer source last)."""
     built = {s.name for s in stages if s.name}
     names = [n for s in stages for n in s.referenced_models() if n not in built]
-    return list(dict.fromkeys(names))
+    sources = [setting.source for s in stages if (setting := stage_setting(s)) and setting.source not in ("base", "union")]
+    return list(dict.fromkeys(names + [n for n in sources if n not in built]))
 
 
-def tokenizer_donor(stages: list[Recipe]) -> str:
-    """The model whose tokenizer files mergekit copies: the base model, else the first model.
-
-    For a multi-stage file, follow an intermediate back to the model it took its tokenizer from.
-    """
+def copied_tokenizer(stages: list[Recipe]) -> str | None:
+    """The model whose tokenizer files mergekit copies verbatim: the base model, else the first model,
+    followed back through intermediate stages. None where mergekit saves a tokenizer it built or read
+    instead: a stage on the way sets a tokenizer, the output is a mixture of experts, or the donor has a
+    LoRA adapter (mergekit reads its model's tokenizer and saves it)."""
     by_name = {s.name: s for s in stages if s.name}
     stage = stages[-1]
     for _ in range(len(stages)):
+        if needs_built_tokenizer(stage):
+            return None
         donor = stage.base_model or stage.referenced_models()[0]
         if donor not in by_name:
-            return donor
+            return None if split_adapter(donor)[1] else donor  # with an adapter, mergekit re-saves the base's
         stage = by_name[donor]
     raise UserError("name: the stages refer to each other in a cycle; each stage may use only earlier ones")
 
@@ -162,24 +169,32 @@ def build(
     # One build: compiling the fused pass (torch.compile) costs seconds that only many
     # candidates in a row pay back. MERGESEARCH_COMPILE=1 turns it back on.
     os.environ.setdefault("MERGESEARCH_COMPILE", "0")
-    from search.engine.materialize import Materializer, resolve_model_path
+    sleep_when_idle()  # before torch loads OpenMP (search/engine/omp_wait.py)
+    from search.engine.materialize import Materializer, resolve_adapter_path, resolve_model_path
 
-    models = {name: _resolve(name, model_map, resolve_model_path) for name in source_model_names(stages)}
+    models = {}  # every model and adapter folder, by the name the recipe gives it (`model+adapter`: each part)
+    for name in source_model_names(stages):
+        model, adapter = split_adapter(name)
+        models[model] = _resolve(model, model_map, resolve_model_path)
+        if adapter:
+            models[adapter] = _resolve(adapter, model_map, lambda a, m: resolve_adapter_path(name, a, m), "adapter")
     device = _check_device(device)
 
     progress(f"loading {len(models)} model(s) onto {device}")
-    # One build: a recipe `dtype:` is converted tensor by tensor, not kept as a copy of the sources.
-    materializer = Materializer(models, device, allow_pickle=allow_pickle, keep_converted=False)
+    # One build: nothing is kept for a next candidate (no cache; a recipe `dtype:` converted tensor by
+    # tensor, not kept as a copy of the sources), and each source tensor's pages are let go once used.
+    materializer = Materializer(models, device, allow_pickle=allow_pickle, one_shot=True)
     recipe_arg = stages if len(stages) > 1 else stages[0]
     plans = materializer.plan(recipe_arg)  # every check against the models, before any folder exists
 
     final = stages[-1]
-    if needs_built_tokenizer(final):
+    donor = copied_tokenizer(stages)
+    if donor is None:
         tokenizer = materializer.tokenizer(recipe_arg)
         if isinstance(final, MoERecipe):
             tokenizer = _as_mergekit_moe_saves_it(tokenizer, final.gate_mode)
     else:
-        tokenizer = _tokenizer_folder(models[tokenizer_donor(stages)])
+        tokenizer = _tokenizer_folder(models[donor])
 
     from search.engine.model_card import model_card
 
@@ -196,7 +211,7 @@ def build(
             # straight into them (no copy of the model in memory, no write pass).
             with output.MappedShards(tmp, specs, shard_size) as shards:
                 progress(f"merging ({what}) into {', '.join(shards.file_names)}")
-                config, tensors = materializer.state_dict(recipe_arg, seed=seed, out=shards.tensors)
+                config, tensors = materializer.state_dict(recipe_arg, seed=seed, out=shards.tensors, pages=shards)
                 count, size = len(tensors), shards.total_size
                 del tensors  # views of the mapped files: let them close
         else:
@@ -209,12 +224,12 @@ def build(
     progress(f"done: {count} tensors, {size / 1e9:.2f} GB")
 
 
-def _resolve(name: str, model_map: dict[str, str], resolve_model_path) -> Path:
+def _resolve(name: str, model_map: dict[str, str], resolve_model_path, what: str = "model") -> Path:
     # A name written as a path (as mergekit tells them apart: leading / or ~, or more than
     # one slash) is a folder that is missing, not a hub id to map.
     looks_like_path = name.startswith(("/", "~", "./", "../")) or name.count("/") > 1
     if name not in model_map and looks_like_path and not Path(name).expanduser().is_dir():
-        raise UserError(f"model {name}: no such folder; check the path in the recipe")
+        raise UserError(f"{what} {name}: no such folder; check the path in the recipe")
     return resolve_model_path(name, model_map)
 
 

@@ -35,6 +35,11 @@ def is_hub_name(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not Path(name).exists()
 
 
+def not_on_the_hub(names: list[str]) -> list[str]:
+    """Those of `names` that are no hub id: a card may not list them in `base_model`, only in its text."""
+    return [n for n in names if not is_hub_name(n)]
+
+
 def _method(name: str) -> str:
     return METHOD_NAMES.get(name, f"`{name}`")
 
@@ -97,18 +102,19 @@ def model_card(
     """The README.md text for a model built from `stages` (a single recipe is one stage).
 
     `found_by` (a sentence on how the recipe was found) and `extra` (markdown sections after the
-    recipe) are what a search adds; `base_models` replaces the hub-like source names in the metadata;
-    `seed` goes into the rebuild command (DARE and random gates draw from it).
+    recipe) are what a search adds; `base_models` names the models merged (default: the recipe's source
+    names); `seed` goes into the rebuild command (DARE and random gates draw from it).
+
+    The metadata's `base_model` lists only hub ids, as the Hub reads it (left out when there is none);
+    a model without one is named in the text instead.
     """
     stage_names = {s.name for s in stages if s.name}
     sources = [n for s in stages for n in s.referenced_models() if n not in stage_names]
-    sources = list(dict.fromkeys(sources))
+    models = list(dict.fromkeys(base_models if base_models is not None else sources))
+    unlisted = not_on_the_hub(models)
+    metadata = {"base_model": [n for n in models if n not in unlisted]} if len(unlisted) < len(models) else {}
     front = yaml.safe_dump(
-        {
-            "base_model": base_models if base_models is not None else [n for n in sources if is_hub_name(n)],
-            "library_name": "transformers",
-            "tags": ["merge", "mergekit", "mergesearch"],
-        },
+        {**metadata, "library_name": "transformers", "tags": ["merge", "mergekit", "mergesearch"]},
         sort_keys=False,
     )
     if len(stages) == 1:
@@ -119,6 +125,9 @@ def model_card(
             title = stage.name or "final"
             parts.append(f"#### Stage {i + 1}: {title}\n\n{_describe(stage, stage_names)}")
         details = "\n\n".join(parts)
+    if unlisted:
+        details += ("\n\nNot on the Hugging Face Hub under these names, so not in the card's `base_model`: "
+                    + ", ".join(f"`{n}`" for n in unlisted) + ".")
     found_by = f" {found_by.strip()}" if found_by else ""
     extra = f"\n{extra.strip()}\n" if extra else ""
     return f"""---

@@ -29,6 +29,7 @@ import torch
 import transformers
 
 from search.engine.errors import UserError
+from search.engine.hf_config import hf_config
 
 if TYPE_CHECKING:
     from search.engine.recipe import Expert
@@ -61,11 +62,6 @@ def prompt_gates(experts: Sequence[Expert], prompt_vector: Callable[[list[str]],
             v = v - prompt_vector(expert.negative_prompts)
         per_expert.append(unit_norm(v))
     return torch.stack(per_expert, dim=1)  # [num_layers, num_experts, hidden]
-
-
-def hf_config(config: dict) -> transformers.PretrainedConfig:
-    """A config.json dict as the transformers config object from_pretrained would read."""
-    return transformers.CONFIG_MAPPING[config["model_type"]].from_dict(config)
 
 
 # ---- prompts in, vectors out -------------------------------------------------------

@@ -297,6 +297,7 @@ class MappedShards:
         self.file_names = self.layout.file_names
         self.total_size = self.layout.total_size
         self._maps = []
+        self._regions: dict[str, tuple] = {}  # name -> (its file's map, byte offset, byte length)
         self.tensors = {}
         for f in self.file_names:
             with open(self.folder / f, "wb+") as fh:
@@ -304,16 +305,21 @@ class MappedShards:
                 fh.truncate(self.layout.file_sizes[f])
                 if self.layout.file_sizes[f] > len(self.layout.headers[f]):
                     self._maps.append(mmap.mmap(fh.fileno(), self.layout.file_sizes[f]))
-                    _populate_for_writing(self._maps[-1])
                     data = torch.frombuffer(self._maps[-1], dtype=torch.uint8)
                     for n, where in self.layout.weight_map.items():
                         if where == f:
                             shape, dtype = specs[n]
                             o = self.layout.offsets[n]
                             self.tensors[n] = data[o : o + self.layout.nbytes[n]].view(dtype).view(tuple(shape))
+                            self._regions[n] = (self._maps[-1], o, self.layout.nbytes[n])
                     del data
         for n, (shape, dtype) in specs.items():
             self.tensors.setdefault(n, torch.empty(shape, dtype=dtype))
+
+    def release(self, name: str) -> None:
+        """Let go of tensor `name`'s pages: written, they are the page cache's (and the file's) now."""
+        if name in self._regions:
+            _advise(*self._regions[name], _MADV_DONTNEED)
 
     def close(self) -> None:
         self.tensors.clear()
@@ -332,19 +338,22 @@ class MappedShards:
         self.close()
 
 
-# Linux's madvise(MADV_POPULATE_WRITE) (5.14+): Python 3.11's mmap module lacks the name.
-_MADV_POPULATE_WRITE = getattr(__import__("mmap"), "MADV_POPULATE_WRITE", 23)
+_MADV_DONTNEED = getattr(__import__("mmap"), "MADV_DONTNEED", 4)
 
 
-def _populate_for_writing(mapped) -> None:
-    """Give a fresh shared mapping all its pages in one call. Left to page faults, one per
-    4 KiB written, they cost 3-5x the arithmetic of a merge on this machine (0.6-0.9 s vs
-    0.17 s per 512 MiB); where the kernel lacks it, the faults happen as before."""
-    if hasattr(mapped, "madvise"):
-        try:
-            mapped.madvise(_MADV_POPULATE_WRITE)
-        except OSError:
-            pass
+def _advise(mapped, offset: int, length: int, advice: int) -> None:
+    """madvise over the whole pages of [offset, offset + length) of a shared file mapping. MADV_DONTNEED
+    unmaps them: for a shared file mapping their (written) contents stay in the page cache. Where the
+    kernel lacks it, nothing happens (the pages stay)."""
+    import mmap
+
+    if length <= 0 or not hasattr(mapped, "madvise"):
+        return
+    start = offset - offset % mmap.PAGESIZE
+    try:
+        mapped.madvise(advice, start, length + offset - start)
+    except (OSError, ValueError):
+        pass
 
 
 def _numel(shape) -> int:
@@ -358,8 +367,20 @@ def _numel(shape) -> int:
 
 
 def write_config(folder: Path, config: dict) -> None:
-    # transformers' own layout of config.json: sorted keys, two-space indent.
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / "config.json").write_text(config_json(config))
+
+
+def config_json(config: dict) -> str:
+    """config.json as mergekit writes it: the config read into its transformers class and saved with
+    `save_pretrained`, which keeps only what differs from the class's defaults (no `_name_or_path`, which
+    names a folder of the machine it was saved on, nor id2label, return_dict, ... left at their defaults)."""
+    import transformers
+
+    model_type = config.get("model_type")
+    if model_type not in transformers.CONFIG_MAPPING:  # a family transformers does not know: less the folder
+        kept = {k: v for k, v in config.items() if k != "_name_or_path"}
+        return json.dumps(kept, indent=2, sort_keys=True) + "\n"
+    return transformers.CONFIG_MAPPING[model_type].from_dict(config).to_json_string(use_diff=True)
 
 
 def copy_tokenizer_files(source: Path, folder: Path) -> list[str]:

@@ -22,8 +22,10 @@ from typing import Any, Callable
 
 import torch
 
-from search.engine.architectures import Architecture, WeightSpec, architecture_of, output_config
+from search.engine.architectures import Architecture, WeightSpec, output_config
 from search.engine.errors import UserError
+from search.engine.hf_config import hf_config
+from search.engine.mergekit_definitions import architecture_of
 from search.engine.methods import Method, get_method
 from search.engine.parameters import anchor_values, layer_position, resolve
 from search.engine.recipe import InputSlice, MergeRecipe, OutputSlice
@@ -67,6 +69,8 @@ class Job:
     shape: tuple[int, ...]
     label: str  # mergekit runs its tensors in order of this name (it matters to random methods)
     take_only_input: bool = False  # an optional tensor present in one model only: copied from it
+    vocabulary_axis: int | None = None  # the axis indexed by token ids (embeddings, the head)
+    base_model: str | None = None  # the slice's base model (a vocabulary's rows may default to its)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class StagePlan:
     dtype: torch.dtype | None  # inputs are converted to this before merging
     out_dtype: torch.dtype | None  # outputs are converted to this
     output: ModelInfo  # the merge as later stages see it
+    vocabulary: Any = None  # the output vocabulary of a stage with a tokenizer setting (vocabulary.py)
 
     def execution_order(self) -> list[Job]:
         """The order tensors are merged in: mergekit's, where random draws make order matter."""
@@ -173,8 +178,13 @@ def _check_slice(i: int, s: OutputSlice, base: str | None, method: Method, info:
             )
 
 
-def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str = "recipe") -> StagePlan:
-    """Validate one mergekit-yaml recipe against its models and plan every output tensor."""
+def plan_stage(
+    recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str = "recipe", vocabulary_size: int | None = None
+) -> StagePlan:
+    """Validate one mergekit-yaml recipe against its models and plan every output tensor.
+
+    vocabulary_size: the output vocabulary's rows, for a recipe with a tokenizer setting: the models'
+    vocabulary tensors may then differ along their vocabulary axis, and the output has this many rows."""
     method = get_method(recipe.merge_method)
     check_parameters(recipe, method)
     dtype = parse_dtype(recipe.dtype, "dtype")
@@ -190,22 +200,24 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
     planned: list[Job | None] = []
 
     def plan(out: WeightSpec, ins: list[WeightSpec], models: list[str], s: OutputSlice, t: float) -> None:
-        planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t))
+        planned.append(_plan_tensor(recipe, method, infos, arch.name, where, out, ins, models, s, t, vocabulary_size))
 
+    # Names with ${num_layers} are the output's (mergekit fills a definition in with the output config).
+    out_depth = sum(s.num_layers for s in slices)
     first_slice, last_slice = slices[0], slices[-1]
-    for w in arch.pre:
+    for w in arch.pre_weights(out_depth):
         plan(w, [w] * len(first_slice.sources), [src.model for src in first_slice.sources], first_slice, 0.0)
     out_layer = 0
     for s in slices:
         depth = s.num_layers
         for offset in range(depth):
             t = layer_position(offset, depth)
-            outs = arch.layer_weights(out_layer)
-            ins = [arch.layer_weights(src.layer_range[0] + offset) for src in s.sources]
+            outs = arch.layer_weights(out_layer, out_depth)
+            ins = [arch.layer_weights(src.layer_range[0] + offset, infos[src.model].num_layers) for src in s.sources]
             for k, w in enumerate(outs):
                 plan(w, [i[k] for i in ins], [src.model for src in s.sources], s, t)
             out_layer += 1
-    for w in arch.post:
+    for w in arch.post_weights(out_depth):
         # mergekit pairs the last slice's models with as many inputs as the first slice has.
         models = [src.model for src in last_slice.sources][: len(first_slice.sources)]
         plan(w, [w] * len(models), models, last_slice, 0.0)
@@ -213,7 +225,11 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
 
     donor = infos[recipe.base_model] if recipe.base_model else first
     num_layers = out_layer if recipe.slices else donor.num_layers
-    config = output_config(donor.config, num_layers, recipe.out_dtype or recipe.dtype)
+    if num_layers != donor.num_layers:
+        check_depth_writable(donor, num_layers, where)
+    config = output_config(donor.config, arch, num_layers, recipe.out_dtype or recipe.dtype)
+    if vocabulary_size is not None:
+        config["vocab_size"] = vocabulary_size
     out_tensors = {}
     for j in jobs:
         in_dtypes = [infos[m].tensors[n].dtype for m, n in zip(j.models, j.tensors)]
@@ -221,6 +237,35 @@ def plan_stage(recipe: MergeRecipe, info: Callable[[str], ModelInfo], where: str
         out_tensors[j.name] = TensorInfo(j.shape, out_dtype or work)
     output = ModelInfo(name=recipe.name or "(merge)", config=config, tensors=out_tensors)
     return StagePlan(recipe, method, jobs, config, dtype, out_dtype, output)
+
+
+def depth_change_refusal(config: dict, num_layers_key: str, num_layers: int) -> str | None:
+    """Why mergekit 0.1.5 cannot write this config at `num_layers` layers; None when it can.
+
+    mergekit writes a stack's config.json as the base's config object with the new depth, which
+    transformers 5 validates on saving: a config that lists something per layer (`layer_types`)
+    fails there, and mergekit writes nothing."""
+    hf = hf_config(config)
+    *parents, last = num_layers_key.split(".")
+    node = hf
+    for part in parents:
+        node = getattr(node, part)
+    setattr(node, last, num_layers)
+    try:
+        hf.validate()
+    except Exception as e:  # transformers' validation errors have no common type
+        return str(e).strip().splitlines()[-1].strip()
+    return None
+
+
+def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:
+    """A stack mergekit could not write is refused before any work, in one line."""
+    reason = depth_change_refusal(donor.config, donor.arch.num_layers_key, num_layers)
+    if reason:
+        raise UserError(
+            f"{where}: the slices make {num_layers} layers, but mergekit 0.1.5 cannot write a {donor.arch.name} config "
+            f"of {num_layers} layers from {donor.name}'s ({reason}); stack to {donor.num_layers} layers"
+        )
 
 
 def _one_architecture(infos: dict[str, ModelInfo], first: ModelInfo, where: str) -> Architecture:
@@ -244,17 +289,19 @@ def _plan_tensor(
     models: list[str],
     s: OutputSlice,
     t: float,
+    vocabulary_size: int | None = None,
 ) -> Job | None:
     """One output tensor: which source tensors it reads and the method's parameters at position t.
-    None for an optional tensor absent everywhere (a tied head), which mergekit does not write."""
+    None for an optional tensor absent everywhere (a tied head), which mergekit does not write;
+    as mergekit, a tied name does not count as present there, but is read where the name is absent."""
     base = s.base_model or recipe.base_model
-    if out.optional and not any(w.name in infos[m].tensors for m, w in zip(models, ins)):
+    if out.optional and not any(n in infos[m].tensors for m, w in zip(models, ins) for n in (w.name, *w.aliases)):
         return None
     shared_levels = (s.parameters, recipe.parameters)
     shared = {p.name: resolve(p, shared_levels, out.name, t) for p in method.params if p.scope == "shared"}
     read_models, read_names, per_input = [], [], []
     for m, w in zip(models, ins):
-        present = [n for n in (w.name, *w.tied_names) if n in infos[m].tensors]
+        present = [n for n in w.stored_names() if n in infos[m].tensors]
         if not present:
             if out.optional:
                 continue
@@ -270,9 +317,15 @@ def _plan_tensor(
         read_models.append(m)
         read_names.append(present[0])
     shapes = {infos[m].tensors[n].shape for m, n in zip(read_models, read_names)}
+    axis = out.vocabulary_axis
+    if vocabulary_size is not None and axis is not None:  # rows are re-indexed onto the output vocabulary
+        shapes = {(*shape[:axis], vocabulary_size, *shape[axis + 1 :]) for shape in shapes}
     if len(shapes) > 1:
         detail = ", ".join(f"{m}: {list(infos[m].tensors[n].shape)}" for m, n in zip(read_models, read_names))
-        raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; merge models of the same size")
+        fix = "merge models of the same size"
+        if axis is not None and len({shape[:axis] + shape[axis + 1 :] for shape in shapes}) == 1:
+            fix = "the vocabularies differ: add `tokenizer_source: union` (or base, or a model) to the recipe"
+        raise UserError(f"{where}: models do not fit together: {out.name} has shapes {detail}; {fix}")
     base_index = read_models.index(base) if (method.base != "ignored" and base in read_models) else None
     single = out.optional and len(read_models) == 1 and len(models) > 1 and method.passthrough_singleton
     if method.base == "required" and base_index is None and not single:
@@ -287,6 +340,8 @@ def _plan_tensor(
         shape=shapes.pop(),
         label=max(read_names),
         take_only_input=single,
+        vocabulary_axis=axis,
+        base_model=base,
     )
 
 

@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, mod
 
 from search.engine import safe_yaml
 from search.engine.errors import UserError, short
+from search.engine.tokenizer_config import TokenizerBlock
 
 Scalar = Union[bool, int, float, str]
 
@@ -107,7 +108,7 @@ class MergeRecipe(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[Name] = None
-    tokenizer: Optional[dict[str, Any]] = None
+    tokenizer: Optional[TokenizerBlock] = None
     chat_template: Optional[str] = None
 
     @model_validator(mode="after")

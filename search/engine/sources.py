@@ -62,6 +62,21 @@ class SourceModel:
             except (OSError, ValueError, AttributeError):  # a platform without madvise: reads fault pages in
                 return
 
+    def release(self, names) -> None:
+        """Let go of these tensors' pages (streamed sources, one-shot builds: a job's inputs once it is done).
+        The mapping is private and never written, so its pages are the page cache's: dropping them
+        from this process costs a re-read from the page cache if a tensor is read again, never data."""
+        for name in names:
+            region = self.regions.get(name)
+            if region is None:
+                continue
+            mm, start, length = region
+            aligned = start - start % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, aligned, length + start - aligned)
+            except (OSError, ValueError, AttributeError):  # no madvise here: the pages stay until the kernel wants them
+                return
+
     def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         t = self.tensors[name]
         if dtype is None or t.dtype == dtype:

@@ -55,13 +55,26 @@ def public_names(meta: dict) -> dict[str, str]:
     return {alias: names.get(alias, alias) for alias in meta.get("model_paths") or {}}
 
 
+def local_names(meta: dict) -> dict[str, str]:
+    """alias -> the model as mergekit reads it on this machine: its folder, or `folder+adapter folder`."""
+    adapters = meta.get("adapter_paths") or {}
+    return {a: f"{p}+{adapters[a]}" if a in adapters else p for a, p in (meta.get("model_paths") or {}).items()}
+
+
 def model_map(stages: list[recipes.Recipe], meta: dict) -> dict[str, str]:
-    """public name -> local folder of each model the stages (written with aliases) read: what
+    """public name -> local folder of each model (and adapter) the stages (written with aliases) read: what
     `--model-map NAME=PATH` needs to rebuild the public recipe on this machine."""
     from search.engine.merge_command import source_model_names
 
-    names, paths = public_names(meta), meta.get("model_paths") or {}
-    return {names[a]: paths[a] for a in source_model_names(stages) if a in paths}
+    names, paths, adapters = public_names(meta), meta.get("model_paths") or {}, meta.get("adapter_paths") or {}
+    mapping = {}
+    for a in source_model_names(stages):
+        if a in adapters:  # public name `base+adapter`: each part maps to its own folder
+            base, adapter = names[a].split("+")
+            mapping.update({base: paths[a], adapter: adapters[a]})
+        elif a in paths:
+            mapping[names[a]] = paths[a]
+    return mapping
 
 
 def model_map_args(mapping: dict[str, str]) -> str:
@@ -86,7 +99,7 @@ def recipe_text(record: dict, meta: dict, file_name: str, local_paths: bool = Fa
     if verdict_line(meta.get("verdict")):
         lines.append(verdict_line(meta.get("verdict")))
     if local_paths:
-        out = renamed(stages, meta.get("model_paths") or {})
+        out = renamed(stages, local_names(meta))
         lines.append(f"rebuild: {rebuild_command(out, file_name, seed)}")
         lines.append("models: this machine's folders (`mergesearch export` without --local-paths names them publicly)")
     else:

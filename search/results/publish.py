@@ -23,29 +23,39 @@ from search.engine.merge_command import build, recipe_file_name
 from search.engine.model_card import model_card
 
 
-def materialize(record: dict, meta: dict, recs: list[dict], out: Path, *, with_mergekit: bool = False,
-                overwrite: bool = False, progress=lambda message: None) -> Path:
-    out = output.check_destination(out, overwrite)
+def published_texts(record: dict, meta: dict, recs: list[dict], name: str) -> dict[str, str]:
+    """The text files of the published folder `name` beside the weights, config and tokenizer: the recipe
+    under the models' public names (as mergekit names its file) and README.md, the model card."""
     stages = recipes.loads(record["recipe"], where=f"trial {record['trial']}")  # models by alias
     public = export.renamed(stages, export.public_names(meta))
     file_name = recipe_file_name(public)
     text = f"# mergesearch run {meta.get('name')}, trial {record['trial']}\n" + recipes.dump_stages(public)
-    seed = meta.get("seed")
     readme = model_card(
-        public, text, name=out.name, recipe_file=file_name, seed=seed,
+        public, text, name=name, recipe_file=file_name, seed=meta.get("seed"),
         found_by=run_card.found_by(record, meta), base_models=run_card.base_models(stages, meta),
         extra=run_card.search_section(record, meta, recs),
     )
+    return {file_name: text, "README.md": readme}
+
+
+def materialize(record: dict, meta: dict, recs: list[dict], out: Path, *, with_mergekit: bool = False,
+                overwrite: bool = False, progress=lambda message: None) -> Path:
+    out = output.check_destination(out, overwrite)
+    stages = recipes.loads(record["recipe"], where=f"trial {record['trial']}")  # models by alias
+    texts = published_texts(record, meta, recs, out.name)
+    recipe_file = next(name for name in texts if name != "README.md")
+    seed = meta.get("seed")
     if with_mergekit:
-        local = export.renamed(stages, meta.get("model_paths") or {})
+        local = export.renamed(stages, export.local_names(meta))
         with output.atomic_folder(out, overwrite) as tmp:
             _run_mergekit(local, tmp, seed, progress)
-            (tmp / file_name).write_text(text)  # mergekit wrote the recipe with this machine's folders
-            (tmp / "README.md").write_text(readme)
+            for name, content in texts.items():  # mergekit wrote the recipe with this machine's folders
+                (tmp / name).write_text(content)
     else:
         allow_pickle = bool((meta.get("settings") or {}).get("allow_pickle"))
-        build(public, text, out, export.model_map(stages, meta), seed=seed, allow_pickle=allow_pickle,
-              overwrite=overwrite, progress=progress, readme=readme)
+        public = export.renamed(stages, export.public_names(meta))
+        build(public, texts[recipe_file], out, export.model_map(stages, meta), seed=seed, allow_pickle=allow_pickle,
+              overwrite=overwrite, progress=progress, readme=texts["README.md"])
     return out
 
 
@@ -72,6 +82,7 @@ def _run_mergekit(stages: list[recipes.Recipe], out: Path, seed: int | None, pro
             command = [str(exe), str(recipe_path), str(out)]
         if seed is not None:
             command += ["--random-seed", str(seed)]
+        command += ["--lora-merge-cache", str(Path(work) / "lora")]  # where it merges a model's LoRA adapter first
         progress(f"building with {name}")
         done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:

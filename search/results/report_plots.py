@@ -47,8 +47,24 @@ def _score(r: dict, i: int) -> float | None:
 # ---- optimization history ------------------------------------------------------------
 
 
+BASELINES_IN_VIEW = 3  # the best baselines the history's scale always shows; the others may fall off it
+MARGIN = 0.08  # of the scale's span, above and below what it must show
+
+
+def history_scale(must_show: list[float]) -> tuple[float, float]:
+    """The score axis of the history: every complete trial, held-out re-score and best baseline, with a margin.
+    Far-off points (weak pruned trials, a baseline far below the rest) do not squeeze the trials into a line."""
+    lo, hi = min(must_show), max(must_show)
+    pad = MARGIN * (hi - lo) if hi > lo else max(abs(hi) * 0.05, 1e-3)
+    return lo - pad, hi + pad
+
+
 def history(view) -> plt.Figure:
-    """Each trial's score in order, the best so far, held-out re-scores and baselines."""
+    """Each trial's score in order, the best so far, held-out re-scores and the best baselines in one view.
+
+    The scale covers the complete trials, the held-out re-scores and the best BASELINES_IN_VIEW baselines;
+    a point beyond it (a weak pruned trial, a far-off baseline) is drawn on the edge as a triangle pointing
+    to where it is, and a baseline off the scale says so in the legend with its score."""
     if not any(r.get("values") and r["state"] in ("COMPLETE", "PRUNED") for r in view.trials):
         raise NotApplicable("no trial has a score yet (trials.jsonl says why each failed)")
     n = len(view.objectives)
@@ -58,11 +74,24 @@ def history(view) -> plt.Figure:
         done = [r for r in view.trials if r["state"] == "COMPLETE" and _score(r, i) is not None]
         pruned = [r for r in view.trials if r["state"] == "PRUNED" and _score(r, i) is not None]
         failed = [r for r in view.trials if r["state"] == "FAIL"]
+        held = [r for r in done if r.get("heldout") and i < len(r["heldout"])]
+        scored = [(b, _score(b, i)) for b in view.baselines if _score(b, i) is not None]
+        scored.sort(key=lambda item: -sign * item[1])  # best first
+        must_show = ([_score(r, i) for r in done] + [r["heldout"][i] for r in held]
+                     + [v for _, v in scored[:BASELINES_IN_VIEW]])
+        lo, hi = history_scale(must_show or [_score(r, i) for r in pruned])
+
         ax.scatter([r["trial"] for r in done], [_score(r, i) for r in done], s=22, color=COLORS[0],
                    label=f"complete ({len(done)})", zorder=3)
-        if pruned:
-            ax.scatter([r["trial"] for r in pruned], [_score(r, i) for r in pruned], s=22, marker="x",
-                       color="0.55", label=f"pruned ({len(pruned)}), at the stage it stopped", zorder=2)
+        inside = [r for r in pruned if lo <= _score(r, i) <= hi]
+        if inside:
+            ax.scatter([r["trial"] for r in inside], [_score(r, i) for r in inside], s=22, marker="x",
+                       color="0.55", label=f"pruned ({len(inside)}), at the stage it stopped", zorder=2)
+        for edge, marker, beyond in ((hi, "^", lambda v: v > hi), (lo, "v", lambda v: v < lo)):
+            off = [r["trial"] for r in pruned if beyond(_score(r, i))]
+            if off:  # drawn on the edge they are beyond, pointing where they are
+                ax.scatter(off, [edge] * len(off), s=30, marker=marker, color="0.55", clip_on=False, zorder=2,
+                           label=f"pruned ({len(off)}), off the scale {'above' if edge == hi else 'below'}")
         if done:
             xs, best, running = [], [], None
             for r in sorted(done, key=lambda r: r["trial"]):
@@ -74,7 +103,6 @@ def history(view) -> plt.Figure:
             best.append(best[-1])
             alone = " (this objective alone)" if n > 1 else ""
             ax.step(xs, best, where="post", color=COLORS[1], lw=2, label=f"best so far{alone}", zorder=4)
-        held = [r for r in done if r.get("heldout") and i < len(r["heldout"])]
         if held:
             ax.scatter([r["trial"] for r in held], [r["heldout"][i] for r in held], s=60, marker="D",
                        facecolors="none", edgecolors=COLORS[2], lw=1.6, label="held-out score (re-scored)", zorder=5)
@@ -83,15 +111,18 @@ def history(view) -> plt.Figure:
             how = "picked by held-out score" if w.get("heldout") else "best score"
             ax.scatter(w["trial"], _score(w, i), marker="*", s=240, color="gold", edgecolors="black", zorder=6,
                        label=f"winner: trial {w['trial']} ({how})")
-        for k, b in enumerate(view.baselines):
-            v = _score(b, i)
-            if v is not None:
+        for k, (b, v) in enumerate(scored):
+            if lo <= v <= hi:
                 ax.axhline(v, ls="--", lw=1.3, color=COLORS[(4 + k) % 10],
                            label=f"baseline: {b['baseline']} ({v:.4g})", zorder=1)
+            else:  # named, with its score, but not drawn: it would squeeze the trials into a line
+                ax.plot([], [], ls=":", lw=1.0, color="0.6",
+                        label=f"baseline: {b['baseline']} ({v:.4g}, off the scale {'above' if v > hi else 'below'})")
         if failed:
             # failed trials have no score: ticks on the bottom edge show when they happened
             ax.plot([r["trial"] for r in failed], [0.0] * len(failed), "|", ms=12, mew=2, color="tab:red",
                     transform=ax.get_xaxis_transform(), clip_on=False, label=f"failed ({len(failed)}), no score")
+        ax.set_ylim(lo, hi)
         ax.set_ylabel(_axis_label(view, i))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: hides no point
@@ -105,6 +136,9 @@ def history(view) -> plt.Figure:
 # ---- parameter importances ---------------------------------------------------------------
 
 
+MAX_BARS = 25  # parameters drawn in the importance plot; the others are named under it
+
+
 def importances(view) -> plt.Figure:
     """How much each parameter explains the score (fANOVA, or rank correlation without the study)."""
     if not any(r["params"] for r in view.trials):
@@ -113,10 +147,13 @@ def importances(view) -> plt.Figure:
         imp = importance_.compute(view.run_dir, view.meta, view.trials)
     except ValueError as e:
         raise NotApplicable(str(e)) from None
-    view.notes["importance"] = imp.method
-    params = list(dict.fromkeys(p for per in imp.values.values() for p in per))[:25]
+    ranked = list(dict.fromkeys(p for per in imp.values.values() for p in per))
+    params = ranked[:MAX_BARS]
+    left = {**imp.left_out, **{p: f"below the {MAX_BARS} most important" for p in ranked[MAX_BARS:]}}
+    view.notes["importance"] = imp.method + "".join(f". Not drawn: {p}: {why}" for p, why in left.items())
     if len(params) < 2:
-        raise NotApplicable(f"only one parameter ({', '.join(params) or 'none'}) varies: it explains everything")
+        why = "".join(f"; {p}: {reason}" for p, reason in left.items())
+        raise NotApplicable(f"only one parameter ({', '.join(params) or 'none'}) varies: it explains everything{why}")
     params.sort(key=lambda p: max(per.get(p, 0.0) for per in imp.values.values()))
     names = list(imp.values)
     fig, ax = plt.subplots(figsize=(9, max(3.2, 1.2 + 0.32 * len(params) * max(1, len(names) * 0.7))))

@@ -2,7 +2,9 @@
 
 One builder for every place a run is summed up: the end of `mergesearch run`
 (search/run/driver.py), `mergesearch show`, and the report's HTML table. It reads
-the run folder's records only.
+the run folder's records only. Printed, it goes to stdout (progress goes to stderr),
+fitted to a terminal's width; off a terminal (a file, a pipe) nothing is wrapped, so
+the winner's YAML and the commands in its header can be copied as they are.
 
 Parameters are shown whole, never cut: anchors of one curve (`t.mlp.0`,
 `t.mlp.1`, ...) become one list (`t.mlp=[0.1,0.8]`), and names that share a
@@ -155,10 +157,21 @@ def run_files(run_dir: Path) -> list[tuple[str, str]]:
 
 # ---- rich rendering (terminal) -----------------------------------------------------
 
+UNWRAPPED = 1_000_000  # columns of a console that is no terminal: wide enough that nothing wraps
+
+
+def stdout_console(file=None):
+    """Where a summary is printed: stdout (or `file`), fitted to a terminal's width, unwrapped off a terminal."""
+    from rich.console import Console
+
+    console = Console(file=file)
+    return console if console.is_terminal else Console(file=file, width=UNWRAPPED)
+
 
 def render(run_dir: Path, console, top: int = 10) -> None:
     """Print the summary fitted to the console's width: a one-line-per-trial score table, then each
-    listed trial's parameters (wrapped, whole), the winner, and the run folder's entries."""
+    listed trial's parameters (wrapped, whole), the winner and the tie rule that picked it, the
+    baselines and the verdict, the run folder's entries and the winner's YAML."""
     from rich.table import Table
     from rich.text import Text
 
@@ -168,7 +181,8 @@ def render(run_dir: Path, console, top: int = 10) -> None:
     if not s.rows:
         console.print("no trial completed: trials.jsonl says why each failed or was pruned")
     else:
-        scores = Table(title=s.caption, title_justify="left", box=None, pad_edge=False)
+        console.print(Text(s.caption, style="italic"))
+        scores = Table(box=None, pad_edge=False)
         scores.add_column("trial", justify="right")
         for c in s.columns:
             scores.add_column(c, justify="right")
@@ -179,23 +193,55 @@ def render(run_dir: Path, console, top: int = 10) -> None:
             scores.add_row(*cells, *([row.heldout or ""] if s.has_heldout else []))
         console.print(scores)
         console.print()
-        params = Table(title="parameters", title_justify="left", box=None, pad_edge=False, show_header=False)
+        console.print(Text("parameters", style="italic"))
+        params = Table(box=None, pad_edge=False, show_header=False)
         params.add_column(justify="right", no_wrap=True)
         params.add_column()
         for row in s.rows:
             params.add_row(str(row.trial), _params_grid(row.params))
         console.print(params)
-        w = s.winner
-        console.print(Text(f"winner: trial {w['trial']} (marked *)"
-                           + (", picked by held-out score" if s.has_heldout else ""), style="bold green"))
+        console.print(Text(winner_line(s, recs, meta["directions"]), style="bold green"))
     _render_baselines(meta, recs, s.columns, console)
     console.print()
-    files = Table(title=f"in {run_dir}", title_justify="left", box=None, pad_edge=False, show_header=False)
+    console.print(Text(f"in {run_dir}", style="italic"))
+    files = Table(box=None, pad_edge=False, show_header=False)
     files.add_column(no_wrap=True)
     files.add_column(overflow="fold")
     for name, what in run_files(run_dir):
         files.add_row(name, what)
     console.print(files)
+    _render_winner_yaml(run_dir, s.winner, console)
+
+
+def winner_line(s: Summary, recs: list[dict], directions: list[str]) -> str:
+    """'winner: trial 3 (marked *), picked by held-out score; ...' with the tie rule, and the tie it decided."""
+    line = f"winner: trial {s.winner['trial']} (marked *)"
+    if not s.has_heldout:
+        return line
+    tied = winner.heldout_ties(recs, directions)
+    if not tied:
+        return f"{line}, picked by held-out score ({winner.TIE_RULE})"
+    numbers = ", ".join(str(r["trial"]) for r in tied)
+    return (f"{line}, picked by held-out score: trials {numbers} tie there at {tied[0]['heldout'][0]:.4g}, "
+            f"and {winner.TIE_RULE}")
+
+
+def _render_winner_yaml(run_dir: Path, best: dict | None, console) -> None:
+    """The winner's file as it is: on a terminal highlighted and wrapped, elsewhere unwrapped, to copy whole."""
+    if best is None:
+        return
+    path = Path(run_dir) / "best.yaml"
+    if not path.is_file():
+        path = Path(run_dir) / "pareto" / f"trial-{best['trial']}.yaml"
+    if not path.is_file():
+        return
+    console.print(f"\n{path}:", markup=False, highlight=False, soft_wrap=not console.is_terminal)
+    if console.is_terminal:
+        from rich.syntax import Syntax
+
+        console.print(Syntax(path.read_text(), "yaml", word_wrap=True, background_color="default"))
+    else:
+        console.print(path.read_text().rstrip("\n"), markup=False, highlight=False, soft_wrap=True)
 
 
 def _render_baselines(meta: dict, recs: list[dict], columns: list[str], console) -> None:
@@ -207,8 +253,8 @@ def _render_baselines(meta: dict, recs: list[dict], columns: list[str], console)
     if not baselines:
         return
     console.print()
-    table = Table(title="baselines (hand-written merges, scored beside the search)", title_justify="left",
-                  box=None, pad_edge=False)
+    console.print(Text("baselines (hand-written merges, scored before the search)", style="italic"))
+    table = Table(box=None, pad_edge=False)
     table.add_column("baseline", overflow="fold")
     for c in columns:
         table.add_column(c, justify="right")

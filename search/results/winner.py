@@ -2,8 +2,9 @@
 report and the verdict all name.
 
 The search's COMPLETE trials (not baselines, not duplicates) ranked by the first objective: by
-held-out score when any trial has one (those re-scored first), else by the search score; ties go to
-the earlier trial. With several objectives the winner is the first of the Pareto front in that order.
+held-out score when any trial has one (those re-scored first), else by the search score. Ties (TIE_RULE):
+equal held-out scores go to the better search score, and equal scores to the earlier trial. With several
+objectives the winner is the first of the Pareto front in that order.
 """
 
 from __future__ import annotations
@@ -11,6 +12,10 @@ from __future__ import annotations
 from typing import Any
 
 from search.engine.errors import UserError, short
+
+
+# how `rank` orders trials of equal held-out score: what the summary and the report say when it decided
+TIE_RULE = "equal held-out scores go to the better search score, then to the earlier trial"
 
 
 def _sign(direction: str) -> int:
@@ -38,12 +43,23 @@ def rank(recs: list[dict], directions: list[str], by_heldout: bool | None = None
     sign = _sign(directions[0])
 
     def key(r):
+        search = -sign * r["values"][0]
         if by_heldout:
             h = r.get("heldout")
-            return (0, -sign * h[0], r["trial"]) if all_numbers(h) else (1, -sign * r["values"][0], r["trial"])
-        return (0, -sign * r["values"][0], r["trial"])
+            return (0, -sign * h[0], search, r["trial"]) if all_numbers(h) else (1, 0, search, r["trial"])
+        return (0, 0, search, r["trial"])
 
     return sorted(pool, key=key)
+
+
+def heldout_ties(recs: list[dict], directions: list[str]) -> list[dict]:
+    """The trials whose held-out score equals the winner's (the winner first), when there are several:
+    TIE_RULE picked among them. Empty when the pick went by held-out score without a tie."""
+    ranked = rank(pareto(recs, directions) if len(directions) > 1 else recs, directions)
+    if not ranked or not all_numbers(ranked[0].get("heldout")):
+        return []
+    tied = [r for r in ranked if all_numbers(r.get("heldout")) and r["heldout"][0] == ranked[0]["heldout"][0]]
+    return tied if len(tied) > 1 else []
 
 
 def winner(recs: list[dict], directions: list[str]) -> dict | None:

@@ -1,8 +1,7 @@
-"""Baselines: the merges a person would write by hand, scored in every run beside the search.
+"""Baselines: the merges a person would write by hand, scored in every run before the search.
 
-Each run scores these, outside the trial budget and never pruned, on every stage and
-on the held-out split (those that are points of the space before the first trial, the
-others once the trials are done: `before_and_after_the_search`):
+Each run scores these before its first trial, outside the trial budget and never
+pruned, on every stage and on the held-out split:
 
 - each source model alone, where the space's output has its shape;
 - the space's defaults, named in each space's docstring (weights: the linear average
@@ -12,18 +11,21 @@ others once the trials are done: `before_and_after_the_search`):
 
 `baselines: false` in the run spec turns them off; a list of names keeps those.
 
-A baseline that is a point of the space is also added to the study as a COMPLETE
-trial marked with the user attribute `baseline`, so the sampler and the pruner learn
-from it; nothing counts it as a trial. Every baseline's result is kept on the study
-(user attribute `baselines`), so a resumed run does not score it again, and written
-to trials.jsonl with `"baseline": <name>`.
+A baseline that is a point of the space (`space.params` finds the point, whichever way the
+recipe is written: search/engine/same_merge.py) is also added to the study as a COMPLETE
+trial marked with the user attribute `baseline`, with the space's own recipe for that
+point, so the sampler and the pruner learn from it; nothing counts it as a trial. Every
+baseline's result is kept on the study (user attribute `baselines`), so a resumed run
+does not score it again, and written to trials.jsonl with `"baseline": <name>`, its
+worker and its timings, as a trial's.
 """
 
 from __future__ import annotations
 
 import collections
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,10 @@ from search.study import records
 from search.engine import recipe as recipes
 from search.engine.errors import UserError, short
 from search.run.stages import Stage
+from search.run.work import Work
 from search.workers.worker_faults import WorkerDied
 from search.workers.worker_pool import Slot, WorkerPool
-from spaces.base import model_alone
+from spaces.base import ReplayTrial, model_alone
 
 MAX_ATTEMPTS = 2  # a baseline whose worker dies is scored once more, then reported as failed
 
@@ -44,7 +47,8 @@ MAX_ATTEMPTS = 2  # a baseline whose worker dies is scored once more, then repor
 class Baseline:
     name: str
     recipe_yaml: str
-    params: dict | None  # the point of the space that gives this recipe, when there is one
+    params: dict | None  # the point of the space that builds this recipe, when there is one
+    point_yaml: str | None = None  # that point's recipe as the space writes it (the trial's recipe)
 
 
 def choose_baselines(spec, space, infos: dict) -> list[Baseline]:
@@ -74,7 +78,9 @@ def choose_baselines(spec, space, infos: dict) -> list[Baseline]:
         if text in seen:
             continue  # the same merge under two names: score it once, under the first
         seen.add(text)
-        out.append(Baseline(name, text, _params_or_none(space, stages)))
+        params = _params_or_none(space, stages)
+        point = None if params is None else recipes.dump_stages(recipes.as_stages(space.suggest(ReplayTrial(params))))
+        out.append(Baseline(name, text, params, point))
     return out
 
 
@@ -93,35 +99,23 @@ def _params_or_none(space, stages: list) -> dict | None:
 
 
 @dataclass
-class _Scoring:
+class _Scoring(Work):
     baseline: Baseline
     number: int  # what the worker calls it (negative: never a trial number)
     step: int = 0  # the next call: stage index, then len(stages) for the held-out score
-    attempts: int = 0
-    started: float = 0.0  # driver clock at this attempt's first call, for trial_timeout
-    stages: list = None
+    stages: list = field(default_factory=list)
     examples: Any = None  # the last stage's per-example results, for the paired pruner
     result: dict = None
 
 
-def before_and_after_the_search(baselines: list[Baseline]) -> tuple[list[Baseline], list[Baseline]]:
-    """The baselines to score before the first trial is asked, and those that can wait until the trials are
-    done. Points of the space join the study, so the sampler must see them before trial 0: they go first.
-    The others only stand beside the winner in the verdict; scoring them first would hold back the first
-    trial (by 17 s on the demo, whose 9 baselines are all outside its space)."""
-    return [b for b in baselines if b.params is not None], [b for b in baselines if b.params is None]
-
-
-def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: list[Baseline] | None = None
-                    ) -> dict[str, dict]:
-    """Score every baseline (of `which`, default all) not scored yet over the pool's workers; returns
-    name -> result, and records each on the study (and as a trial where it is a point of the space). A
-    baseline still on its worker after the spec's trial_timeout is given up, and its worker replaced."""
+def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say) -> dict[str, dict]:
+    """Score every baseline not scored yet over the pool's workers; returns name -> result, and records each
+    on the study (and as a trial where it is a point of the space). A baseline still on its worker after
+    the spec's trial_timeout is given up, and its worker replaced."""
     timeout = setup.spec.trial_timeout
     done: dict[str, dict] = dict(study.user_attrs.get(records.BASELINES_ATTR, {}))
-    chosen = {b.name for b in (setup.baselines if which is None else which)}
-    todo = collections.deque(  # numbered by their place among all the run's baselines, whichever are scored now
-        _Scoring(b, number=-1 - i) for i, b in enumerate(setup.baselines) if b.name in chosen and b.name not in done
+    todo = collections.deque(  # numbered by their place among the run's baselines
+        _Scoring(baseline=b, number=-1 - i) for i, b in enumerate(setup.baselines) if b.name not in done
     )
     free = collections.deque(pool.live())
     in_flight: dict[Any, tuple[Slot, _Scoring]] = {}
@@ -130,7 +124,8 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
     while todo or in_flight:
         while todo and free:
             job, slot = todo.popleft(), free.popleft()
-            job.attempts, job.step, job.stages, job.started = job.attempts + 1, 0, [], time.monotonic()
+            job.attempt(slot.name)
+            job.step, job.stages = 0, []
             in_flight[_call(pool, slot, job, setup)] = (slot, job)
         if not in_flight:
             break
@@ -156,6 +151,8 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
                 free.append(slot)
             continue
         slot.busy_s += result["busy_s"]
+        slot.calls += 1
+        job.took(result)
         if not result["ok"]:
             say(f"baseline {job.baseline.name} failed: {result['error']}")
         else:
@@ -163,7 +160,8 @@ def score_baselines(study: optuna.Study, setup, pool: WorkerPool, say, which: li
             if job.step <= last_call:
                 in_flight[_call(pool, slot, job, setup)] = (slot, job)  # the same worker goes on with the next call
                 continue
-            done[job.baseline.name] = _record(setup, job)
+            job.finished()
+            done[job.baseline.name] = _record(setup, job, slot)
             study.set_user_attr(records.BASELINES_ATTR, done)
             examples[job.baseline.name] = job.examples
         free.append(slot)
@@ -201,28 +199,32 @@ def _keep(job: _Scoring, result: dict, setup) -> None:
     job.step += 1
 
 
-def _record(setup, job: _Scoring) -> dict:
+def _record(setup, job: _Scoring, slot: Slot) -> dict:
     latest: dict[str, float] = {}
     for s in job.stages:
         latest.update(s["scores"])
     return {"recipe": job.baseline.recipe_yaml, "params": job.baseline.params, "stages": job.stages,
-            "values": [latest[n] for n in setup.objective_names], "attempts": job.attempts,
+            "values": [latest[n] for n in setup.objective_names],
             "heldout": job.result["scores"] if job.result else None,
-            "heldout_examples": job.result.get("examples") if job.result else None, "trial": None}
+            "heldout_examples": job.result.get("examples") if job.result else None, "trial": None,
+            **job.record(slot)}
 
 
 def _add_trial(study: optuna.Study, setup, baseline: Baseline, rec: dict, examples) -> int:
-    """The baseline as a COMPLETE trial of the study, so the sampler and the pruner see it."""
+    """The baseline as a COMPLETE trial of the study, so the sampler and the pruner see it: its params, the
+    space's recipe for them (what a search trial at that point would hold), its stages, worker and times."""
     fixed = optuna.trial.FixedTrial(baseline.params)
     setup.space.suggest(fixed)  # records each param's distribution, as a real trial would
     intermediate = {s["step"]: s["scores"][setup.objective_names[0]] for s in rec["stages"] if s["step"] is not None}
-    record = {"recipe": rec["recipe"], "stages": rec["stages"], "attempts": rec["attempts"]}
-    trial = optuna.trial.create_trial(
-        params=baseline.params,
-        distributions=fixed.distributions,
-        values=rec["values"],
-        intermediate_values=intermediate,
-        user_attrs={records.BASELINE_ATTR: baseline.name, records.RECORD_ATTR: record},
+    # (a baseline scored by an older mergesearch, resumed, has no worker or timings: when is then now)
+    work = {k: rec.get(k) for k in ("worker", "workers", "node", "sources", "attempts", "timings")}
+    record = {"recipe": baseline.point_yaml, "stages": rec["stages"], **work}
+    timings = rec.get("timings") or {}
+    trial = optuna.trial.FrozenTrial(
+        number=-1, trial_id=-1, state=optuna.trial.TrialState.COMPLETE, value=None, values=rec["values"],
+        datetime_start=_when(timings.get("dispatched")), datetime_complete=_when(timings.get("finished")),
+        params=baseline.params, distributions=fixed.distributions, intermediate_values=intermediate,
+        user_attrs={records.BASELINE_ATTR: baseline.name, records.RECORD_ATTR: record}, system_attrs={},
     )
     study.add_trial(trial)
     number = len(study.get_trials(deepcopy=False)) - 1
@@ -235,12 +237,11 @@ def _add_trial(study: optuna.Study, setup, baseline: Baseline, rec: dict, exampl
     return number
 
 
+def _when(timestamp: float | None) -> datetime:
+    return datetime.fromtimestamp(timestamp) if timestamp is not None else datetime.now()
+
+
 def baseline_records(study: optuna.Study) -> list[dict]:
     """trials.jsonl lines for the baselines that are not trials of the study (not points of the space)."""
-    out = []
-    for name, rec in study.user_attrs.get(records.BASELINES_ATTR, {}).items():
-        if rec.get("trial") is None:
-            out.append({"trial": None, "baseline": name, "state": "COMPLETE", "values": rec["values"],
-                        "heldout": rec["heldout"], "params": {}, "recipe": rec["recipe"], "stages": rec["stages"],
-                        "reason": None})
-    return out
+    return [records.baseline_record(name, rec) for name, rec in study.user_attrs.get(records.BASELINES_ATTR, {}).items()
+            if rec.get("trial") is None]

@@ -3,9 +3,8 @@
     setup = prepare_run(spec)        search/run/run_setup.py   every input checked, model headers too; nothing written yet
     pool.start()                     search/workers/worker_pool.py workers holding the models (local processes or Ray actors)
     study = open_study(setup)        search/run/run_setup.py   the Optuna study, run.json (resumed: before the workers)
-    score_baselines(...)             search/run/baselines.py   the hand-written merges in the space, outside the budget
+    score_baselines(...)             search/run/baselines.py   the hand-written merges, all before the search, outside the budget
     TrialLoop(...).run()             search/run/trial_loop.py  ask, build and score on a free worker, tell
-    score_baselines(...)                                   the other hand-written merges
     run_heldout(...)                 search/run/heldout.py     the top trials on the split the search never saw
     export.write_run_outputs(...)    search/results/export.py      best.yaml (or pareto/), trials.jsonl, summary
     write_report(...)                search/results/report.py      report/: plots and report.html
@@ -21,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from search.results import export, summary, winner
 
 from search.study import records
-from search.run.baselines import baseline_records, before_and_after_the_search, score_baselines
+from search.run.baselines import baseline_records, score_baselines
 from search.run.heldout import heldout_candidates, run_heldout
 from search.run.interrupts import end_open_transactions
 from search.run.progress import Progress
@@ -97,9 +97,11 @@ def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None,
         if study is None:
             study = open_study(setup, resume=False)
         rewrite_trials(study, spec.run_dir)
-        # points of the space before the first trial (the sampler must see them), the others after the trials
-        before, after = before_and_after_the_search(setup.baselines)
-        baselines_pending(study, setup, pool, progress, before)
+        # the workers' busy time is measured over one span, from the first call they get to the last answer
+        span_start = time.monotonic()
+        # every baseline before the first trial: those that are points of the space join the study, which the
+        # sampler must see from its first proposal on; all of them are what the search has to beat
+        baselines_pending(study, setup, pool, progress)
         loop = TrialLoop(setup, study, pool, progress)
         with progress:
             progress.update(study_counts(study, setup.multi), f"resumed {study.study_name}" if resume else "started")
@@ -112,24 +114,29 @@ def search(setup: RunSetup, study: optuna.Study | None, ray_address: str | None,
                 interrupt(loop, announce=False)
                 raise UserError(f"{e}; fix the cause, then continue with: mergesearch run {spec.spec_path} --resume"
                                 ) from None
-        util = pool.utilization(loop.loop_end - loop.loop_start)
-        baselines_pending(study, setup, pool, progress, after)
         candidates = heldout_candidates(study, spec.heldout_top_k, setup.has_heldout, setup.directions)
         if candidates:
             progress.message(f"re-scoring the top {len(candidates)} on the held-out split")
         run_heldout(study, candidates, pool, len(setup.objective_names), progress.message, spec.trial_timeout)
+        util = pool.utilization(time.monotonic() - span_start)
     finally:
         pool.stop()
     return study, util
 
 
-def baselines_pending(study: optuna.Study, setup: RunSetup, pool: WorkerPool, progress: Progress, which: list) -> None:
-    """Score those of `which` not scored yet (an earlier session may have)."""
+def baselines_pending(study: optuna.Study, setup: RunSetup, pool: WorkerPool, progress: Progress) -> None:
+    """Score the baselines not scored yet (an earlier session may have), saying in one line how many."""
     scored = study.user_attrs.get(records.BASELINES_ATTR, {})
-    todo = [b.name for b in which if b.name not in scored]
+    todo = [b.name for b in setup.baselines if b.name not in scored]
     if todo:
-        progress.message(f"scoring {len(todo)} baseline(s): {', '.join(todo)}")
-        score_baselines(study, setup, pool, progress.message, which)
+        progress.message(baselines_line(todo, len(setup.baselines)))
+        score_baselines(study, setup, pool, progress.message)
+
+
+def baselines_line(todo: list[str], total: int) -> str:
+    """'scoring 6 baselines before the search: base alone, ...' (those left of them, on a resume)."""
+    count = f"{len(todo)} baseline{'s' if len(todo) != 1 else ''}" + (f" (of {total})" if len(todo) != total else "")
+    return f"scoring {count} before the search: {', '.join(todo)}"
 
 
 def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Progress, quiet: bool) -> RunResult:
@@ -149,7 +156,7 @@ def finish(setup: RunSetup, study: optuna.Study, util: dict | None, progress: Pr
     written = export.write_run_outputs(spec.run_dir)
     write_report(spec.run_dir)  # plots and report.html in <run>/report/, before the summary lists them
     if not quiet:
-        summary.render(spec.run_dir, console=progress.console)  # with the baselines and the verdict
+        summary.render(spec.run_dir, console=summary.stdout_console())  # on stdout; the progress went to stderr
     return RunResult(
         run_dir=spec.run_dir,
         study_name=spec.name,

@@ -1,7 +1,8 @@
 """Live progress of a search: trials done / pruned / failed, best so far, rate, time left.
 
 On a terminal it is a rich Live panel redrawn in place; otherwise (a log file, CI)
-one plain line per finished trial. `quiet=True` shows nothing.
+one plain line per finished trial. It goes to stderr, so stdout holds the run's summary
+alone (`mergesearch run SPEC > out`). `quiet=True` shows nothing.
 """
 
 from __future__ import annotations
@@ -107,5 +108,5 @@ class Progress:
         self.update(counts, what)
 
     def message(self, text: str) -> None:
-        if not self.quiet:
-            self.console.print(text)
+        if not self.quiet:  # one line, never cut into several (a terminal wraps it on screen)
+            self.console.print(text, markup=False, soft_wrap=True)

@@ -22,7 +22,7 @@ from search.study import records
 from search.run.baselines import Baseline, choose_baselines
 from search.engine import recipe as recipes
 from search.engine.errors import UserError
-from search.spec.model_check import check_models
+from search.spec.model_check import check_models, writes_tokenizer
 from search.study.paired_pruner import PairedPruner
 from search.study.pruners import build_pruner
 from search.spec.runspec import RunSpec
@@ -65,7 +65,8 @@ def prepare_run(spec: RunSpec, resume: bool) -> RunSetup:
     infos = read_model_infos(spec.models)
     space = build_space(spec.space, infos)
     # compose stages name intermediate models too: only the spec's own models have files
-    check_models(spec.models, [m for m in space.used_models if m in spec.models], spec.allow_pickle)
+    check_models(spec.models, [m for m in space.used_models if m in spec.models], spec.allow_pickle,
+                 {a: i.vocab_size for a, i in infos.items()}, writes_tokenizer(spec.space), spec.adapters)
     # checked from their specs: the workers build them (lm-eval's tasks take seconds to import and build),
     # and say what only the built objectives know (search/workers/worker.py, learn_from_workers)
     objectives = describe_objectives(spec.objectives, spec.base_dir)
@@ -187,6 +188,7 @@ def open_study(setup: RunSetup, resume: bool) -> optuna.Study:
         "directions": setup.directions,
         "seed": spec.seed,
         "model_paths": spec.models,
+        "adapter_paths": spec.adapters,  # the LoRA adapter merged into a model, by alias (its `lora:`)
         "model_names": spec.model_names,  # the public names exports, the report and model cards write
         "stages": [s.step for s in setup.stages],
         # what a model card says of the search (search/results/run_card.py)

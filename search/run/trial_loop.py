@@ -45,6 +45,7 @@ from search.run.progress import Progress
 from search.run.run_setup import RunSetup, requeue
 from search.run.schedule import Schedule
 from search.run.scored_recipes import ScoredRecipes
+from search.run.work import Work
 from search.study.study_view import StudyView
 from search.study.trial_counts import TrialCounts
 from search.workers.worker_faults import CallFailed, WorkerDied
@@ -55,7 +56,7 @@ MAX_SUGGEST_FAILURES_IN_A_ROW = 20  # the space raises on every trial: a bug, no
 
 
 @dataclass
-class TrialRun:
+class TrialRun(Work):
     trial: optuna.Trial
     recipe_yaml: str
     seq: int = 0  # the order this session asked it in: what the reproducible schedule counts
@@ -63,10 +64,6 @@ class TrialRun:
     stage: int = 0  # index of the stage in flight
     stages: list[dict] = field(default_factory=list)  # {"step": ..., "scores": {name: value}}
     reported: set = field(default_factory=set)
-    attempts: int = 0
-    started: float = 0.0  # driver clock at this attempt's first call, for trial_timeout
-    workers: list[str] = field(default_factory=list)
-    timings: dict = field(default_factory=lambda: {"materialize_s": [], "score_s": [], "busy_s": 0.0})
 
     @property
     def number(self) -> int:
@@ -74,16 +71,7 @@ class TrialRun:
 
     def record(self, worker: Slot | None) -> dict:
         """What trials.jsonl keeps of it beyond the study's own fields (the RECORD_ATTR user attribute)."""
-        return {
-            "recipe": self.recipe_yaml or None,
-            "stages": self.stages,
-            "worker": self.workers[-1] if self.workers else None,
-            "workers": self.workers,
-            "node": worker.info.get("node") if worker else None,
-            "sources": worker.info.get("sources") if worker else None,  # resident, shared-mmap or streamed
-            "attempts": self.attempts,
-            "timings": self.timings,
-        }
+        return {"recipe": self.recipe_yaml or None, "stages": self.stages, **super().record(worker)}
 
 
 class TrialLoop:
@@ -268,11 +256,8 @@ class TrialLoop:
             slot.idle_gaps.append(now - slot.free_since)
             slot.free_since = None
         if kind == "begin":
-            run.attempts += 1
+            run.attempt(slot.name)
             run.stage = 0
-            run.started = now
-            run.workers.append(slot.name)
-            run.timings.setdefault("dispatched", time.time())
             ref = self.pool.call(slot, "begin", run.number, run.recipe_yaml, self.stages[0].jobs)
         else:
             last = run.stage == len(self.stages) - 1
@@ -281,14 +266,10 @@ class TrialLoop:
 
     def _stage_done(self, slot: Slot, run: TrialRun, result: dict) -> bool:
         """Handle one stage's result; True if the same worker was sent on to the next stage."""
-        t = run.timings
-        t["busy_s"] += result["busy_s"]
-        if "materialize_s" in result:
-            t["materialize_s"].append(result["materialize_s"])
+        run.took(result)
         if not result["ok"]:
             self._defer(run, TrialState.FAIL, reason=result["error"], worker=slot)
             return False
-        t["score_s"].append(result["score_s"])
         stage = self.stages[run.stage]
         scores = {self.setup.objective_names[i]: v for (i, _), v in zip(stage.jobs, result["scores"])}
         run.stages.append({"step": stage.step, "scores": scores})
@@ -371,7 +352,7 @@ class TrialLoop:
             self.finished += 1
         if worker is not None:
             worker.trials += 1
-        run.timings["finished"] = time.time()
+        run.finished()
         run.trial.set_user_attr(records.RECORD_ATTR, run.record(worker))
         if reason:
             run.trial.set_user_attr(records.REASON_ATTR, reason)

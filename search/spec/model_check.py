@@ -11,23 +11,69 @@ import json
 from pathlib import Path
 
 from search.engine.errors import UserError
+from search.engine.lora import adapter_file, check_fits, read_adapter
 from search.engine.weight_files import safetensors_files  # torch-free: the driver never imports torch
 
 # safetensors refuses headers above 100 MB; a larger length field is a garbage or hostile file
 MAX_HEADER_BYTES = 100_000_000
 
 
-def check_models(models: dict[str, str], used: list[str], allow_pickle: bool) -> None:
-    """Every model the space merges has readable weight files, and tensors of one name agree in shape."""
+def check_models(models: dict[str, str], used: list[str], allow_pickle: bool,
+                 vocab_sizes: dict[str, int | None] | None = None, sets_tokenizer: bool = False,
+                 adapters: dict[str, str] | None = None) -> None:
+    """Every model the space merges has readable weight files, and tensors of one name agree in shape;
+    an adapter (alias -> its folder) fits its model.
+
+    vocab_sizes: alias -> config vocab_size. A tensor indexed by token (first dimension its model's
+    vocab_size) may differ in that dimension when the space sets a tokenizer (the merge re-indexes it
+    onto one vocabulary); without one, the error says to set it."""
     seen: dict[str, tuple[tuple[int, ...], str, Path]] = {}  # tensor -> (shape, alias, file) of its first model
     for alias in used:
-        for name, (shape, file) in model_shapes(alias, Path(models[alias]), allow_pickle).items():
+        shapes = model_shapes(alias, Path(models[alias]), allow_pickle)
+        if alias in (adapters or {}):
+            check_adapter(alias, Path(adapters[alias]), {n: shape for n, (shape, _) in shapes.items()}, allow_pickle)
+        for name, (shape, file) in shapes.items():
             first = seen.setdefault(name, (shape, alias, file))
-            if first[0] != shape:
-                raise UserError(
-                    f"models.{alias}: {file}: tensor {name} has shape {list(shape)} but models.{first[1]} has "
-                    f"{list(first[0])} ({first[2]}); the space merges them, so use models of the same size"
-                )
+            if first[0] == shape:
+                continue
+            vocabulary = _vocabulary_rows_only(first[0], first[1], shape, alias, vocab_sizes or {})
+            if vocabulary and sets_tokenizer:
+                continue
+            fix = "the space merges them, so use models of the same size"
+            if vocabulary:
+                fix = "the vocabularies differ: set `tokenizer_source: union` (or base, or a model) in the space"
+            raise UserError(
+                f"models.{alias}: {file}: tensor {name} has shape {list(shape)} but models.{first[1]} has "
+                f"{list(first[0])} ({first[2]}); {fix}"
+            )
+
+
+def check_adapter(alias: str, folder: Path, model: dict[str, tuple[int, ...]], allow_pickle: bool) -> None:
+    """A LoRA adapter mergesearch can merge, whose tensors fit its model's (shapes from the headers)."""
+    try:
+        file = adapter_file(f"models.{alias}.lora", folder, allow_pickle)
+        if file.suffix != ".safetensors" or not model:
+            return  # a pickle the spec allows (or a pickled model): the workers read and check it
+        shapes = read_header(alias, file)
+        check_fits(read_adapter(f"models.{alias}.lora", folder, shapes, allow_pickle), shapes, model, alias)
+    except UserError as e:  # the engine says "adapter NAME: ..."; the spec names the field
+        raise UserError(str(e).removeprefix("adapter ").replace(
+            "pass allow_pickle=True", "add `allow_pickle: true` to the run spec")) from None
+
+
+def _vocabulary_rows_only(a: tuple, alias_a: str, b: tuple, alias_b: str, vocab_sizes: dict) -> bool:
+    if not a or not b or a[1:] != b[1:]:
+        return False
+    return a[0] == vocab_sizes.get(alias_a) and b[0] == vocab_sizes.get(alias_b)
+
+
+def writes_tokenizer(space: dict) -> bool:
+    """Whether a space spec (any stage of it) sets `tokenizer_source`."""
+    if isinstance(space, dict):
+        return space.get("tokenizer_source") is not None or any(writes_tokenizer(v) for v in space.values())
+    if isinstance(space, list):
+        return any(writes_tokenizer(v) for v in space)
+    return False
 
 
 def model_shapes(alias: str, folder: Path, allow_pickle: bool) -> dict[str, tuple[tuple[int, ...], Path]]:

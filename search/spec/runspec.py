@@ -11,6 +11,11 @@ cache (never downloaded); `{path: where, name: org/model}` also gives the public
 a local folder is published under. Everything the run hands out (best.yaml, export,
 the report, a model card) names each model by its public name: the given name, else
 the hub id, else the alias; `spec.models` holds the local folders the run reads.
+
+`{path: where, lora: adapter}` is the model with a PEFT LoRA adapter merged in (a folder
+or a cached hub id, as mergekit's `model+adapter`); its public name is `base+adapter`
+(`name: org/base+org/adapter` gives both; by default the adapter's is its hub id, else
+`<alias>-lora`). `spec.adapters` holds the adapters' folders.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class RunSpec(BaseModel):
     # Set by load_spec, never read from the file.
     _spec_path: Optional[Path] = PrivateAttr(default=None)
     _model_names: dict[str, str] = PrivateAttr(default_factory=dict)
+    _adapters: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -137,6 +143,16 @@ class RunSpec(BaseModel):
         return self._model_names
 
     @property
+    def adapters(self) -> dict[str, str]:
+        """alias -> the folder of the LoRA adapter merged into that model (aliases with `lora:` only)."""
+        return self._adapters
+
+    @property
+    def model_sources(self) -> dict[str, str]:
+        """alias -> the model as mergekit names it locally: its folder, or `folder+adapter folder`."""
+        return {a: f"{p}+{self._adapters[a]}" if a in self._adapters else p for a, p in self.models.items()}
+
+    @property
     def sampler_name(self) -> str:
         return self.sampler["name"] if isinstance(self.sampler, dict) else self.sampler
 
@@ -146,7 +162,7 @@ class RunSpec(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What must not change between a run and its --resume: the models, space and objectives."""
-        return {"models": self.models, "space": self.space, "objectives": self.objectives}
+        return {"models": self.model_sources, "space": self.space, "objectives": self.objectives}
 
 
 def _where(loc: tuple) -> str:
@@ -169,41 +185,52 @@ def _one_line(err: ValidationError) -> str:
     return f"{_where(loc)}: {msg}"
 
 
-def _model_entry(alias: str, value: Any) -> tuple[str, Optional[str]]:
-    """(where, given public name) of one `models:` entry: a string, or {path:, name:}."""
+def _model_entry(alias: str, value: Any) -> tuple[str, Optional[str], Optional[str]]:
+    """(where, given public name, adapter) of one `models:` entry: a string, or {path:, name:, lora:}."""
     if isinstance(value, str):
-        return value, None
-    if not isinstance(value, dict) or not isinstance(value.get("path"), str) or set(value) - {"path", "name"}:
-        raise UserError(f"models.{alias}: expected a folder or hub id, or {{path: ..., name: org/model}}")
+        return value, None, None
+    if not isinstance(value, dict) or not isinstance(value.get("path"), str) or set(value) - {"path", "name", "lora"}:
+        raise UserError(f"models.{alias}: expected a folder or hub id, or {{path: ..., name: org/model}} (and `lora:` "
+                        "for an adapter)")
+    lora = value.get("lora")
+    if lora is not None and not isinstance(lora, str):
+        raise UserError(f"models.{alias}.lora: expected a PEFT adapter folder or hub id, got {short(lora)}")
     name = value.get("name")
-    if name is not None and not (isinstance(name, str) and _MODEL_NAME.match(name)):
-        raise UserError(f"models.{alias}.name: {short(name)} is not a model name; write it as the hub does, org/model")
-    return value["path"], name
+    parts = name.split("+") if isinstance(name, str) and lora is not None else [name]
+    if name is not None and not (len(parts) <= 2 and all(isinstance(p, str) and _MODEL_NAME.match(p) for p in parts)):
+        raise UserError(f"models.{alias}.name: {short(name)} is not a model name; write it as the hub does, org/model"
+                        + (" (or org/model+org/adapter)" if lora is not None else ""))
+    return value["path"], name, lora
 
 
-def _resolve_model(alias: str, value: str, base_dir: Path) -> tuple[str, Optional[str]]:
-    """(local folder, hub id or None): a folder relative to the spec, else a hub id in the local HF cache."""
+def _resolve_model(alias: str, value: str, base_dir: Path, marker: str = "config.json",
+                   field: str = "") -> tuple[str, Optional[str]]:
+    """(local folder, hub id or None): a folder relative to the spec, else a hub id in the local HF cache.
+    marker: the file the folder must hold (config.json for a model, adapter_config.json for an adapter)."""
+    at = f"models.{alias}{field}"
+    noun = "model" if marker == "config.json" else "adapter"
     local = (base_dir / value).expanduser()
     try:
         is_folder = local.is_dir()
     except OSError:  # a name longer than the file system allows, say: there is no such folder
         is_folder = False
     if is_folder:
-        if not (local / "config.json").is_file():
-            raise UserError(f"models.{alias}: {short(value)} has no config.json; point it at a Hugging Face model folder")
+        if not (local / marker).is_file():
+            kind = "a Hugging Face model folder" if noun == "model" else "a PEFT adapter folder"
+            raise UserError(f"{at}: {short(value)} has no {marker}; point it at {kind}")
         return str(local.resolve()), None
-    cached = _from_hub_cache(alias, value) if _HUB_ID.match(value) else None
+    cached = _from_hub_cache(at, value, marker) if _HUB_ID.match(value) else None
     if cached is None:
         from huggingface_hub import constants
 
         raise UserError(
-            f"models.{alias}: no model folder at {short(value)} (relative to {base_dir}) and no hub model of that "
-            f"name in the Hugging Face cache ({constants.HF_HUB_CACHE}); fix the path, or download the model first"
+            f"{at}: no {noun} folder at {short(value)} (relative to {base_dir}) and no hub {noun} of that "
+            f"name in the Hugging Face cache ({constants.HF_HUB_CACHE}); fix the path, or download the {noun} first"
         )
     return cached, value
 
 
-def _from_hub_cache(alias: str, repo_id: str) -> Optional[str]:
+def _from_hub_cache(at: str, repo_id: str, marker: str = "config.json") -> Optional[str]:
     """The cached snapshot folder of a hub model, None when it is not cached; the hub is never contacted."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -213,28 +240,32 @@ def _from_hub_cache(alias: str, repo_id: str) -> Optional[str]:
     except LocalEntryNotFoundError:
         return None
     weights = any(folder.glob("*.safetensors")) or any(folder.glob("*.bin"))
-    if not (folder / "config.json").is_file() or not weights:
+    if not (folder / marker).is_file() or not weights:
         raise UserError(
-            f"models.{alias}: the Hugging Face cache holds {repo_id} without its config.json or weights ({folder}); "
+            f"{at}: the Hugging Face cache holds {repo_id} without its {marker} or weights ({folder}); "
             f"download it whole (hf download {repo_id})"
         )
     return str(folder)
 
 
-def _resolve_models(spec: RunSpec) -> tuple[dict[str, str], dict[str, str]]:
-    """(alias -> local folder, alias -> public name), public names checked to be distinct."""
-    paths, names = {}, {}
+def _resolve_models(spec: RunSpec) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+    """(alias -> local folder, alias -> public name, alias -> adapter folder), public names checked to be distinct."""
+    paths, names, adapters = {}, {}, {}
     for alias, value in spec.models.items():
-        where, given = _model_entry(alias, value)
+        where, given, lora = _model_entry(alias, value)
         paths[alias], hub_id = _resolve_model(alias, where, spec.base_dir)
         names[alias] = given or hub_id or alias
+        if lora is not None:
+            adapters[alias], adapter_hub_id = _resolve_model(alias, lora, spec.base_dir, "adapter_config.json", ".lora")
+            if given is None or "+" not in given:
+                names[alias] = f"{names[alias]}+{adapter_hub_id or f'{alias}-lora'}"
         other = next((a for a in names if a != alias and names[a] == names[alias]), None)
         if other is not None:
             raise UserError(
                 f"models.{alias}: its public name {names[alias]!r} is also that of models.{other}; "
                 "give each model its own `name:`"
             )
-    return paths, names
+    return paths, names, adapters
 
 
 def _check_writable(run_dir: Path, where: str) -> None:
@@ -265,7 +296,7 @@ def parse_spec(data: Any, spec_path: Path | None = None, overrides: dict[str, An
     base = spec.base_dir
     _check_writable(spec.run_dir, where)
     try:
-        spec.models, spec._model_names = _resolve_models(spec)
+        spec.models, spec._model_names, spec._adapters = _resolve_models(spec)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
     resolved = []

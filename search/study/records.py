@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -72,6 +73,34 @@ def trial_record(t: optuna.trial.FrozenTrial, heldout: dict[str, Any] | None = N
         "values": _finite(t.values),
         "heldout": (heldout or {}).get(str(t.number)),
         "params": t.params,
+        **_work(rec),
+        "reason": t.user_attrs.get(REASON_ATTR),
+        "started": t.datetime_start.isoformat() if t.datetime_start else None,
+        "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
+    }
+
+
+def baseline_record(name: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """The line of a baseline that is no trial of the study (BASELINES_ATTR's entry), with a trial's fields."""
+    timings = rec.get("timings", {})
+    return {
+        "trial": None,
+        "baseline": name,
+        "duplicate_of": None,
+        "state": "COMPLETE",
+        "values": _finite(rec.get("values")),
+        "heldout": rec.get("heldout"),
+        "params": {},
+        **_work(rec),
+        "reason": None,
+        "started": _iso(timings.get("dispatched")),
+        "finished": _iso(timings.get("finished")),
+    }
+
+
+def _work(rec: dict[str, Any]) -> dict[str, Any]:
+    """What the workers did for a trial or a baseline (search/run/work.py), from its record."""
+    return {
         "recipe": rec.get("recipe"),
         "stages": rec.get("stages", []),
         "worker": rec.get("worker"),
@@ -79,11 +108,13 @@ def trial_record(t: optuna.trial.FrozenTrial, heldout: dict[str, Any] | None = N
         "node": rec.get("node"),
         "sources": rec.get("sources"),  # how the worker kept the source models: resident, shared-mmap or streamed
         "attempts": rec.get("attempts", 0),
-        "reason": t.user_attrs.get(REASON_ATTR),
         "timings": rec.get("timings", {}),
-        "started": t.datetime_start.isoformat() if t.datetime_start else None,
-        "finished": t.datetime_complete.isoformat() if t.datetime_complete else None,
     }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    """A wall-clock time as trial_record writes the study's (local time, ISO 8601)."""
+    return datetime.fromtimestamp(timestamp).isoformat() if timestamp is not None else None
 
 
 def to_line(record: dict[str, Any]) -> str:

@@ -25,6 +25,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from search.engine.omp_wait import sleep_when_idle
+
+sleep_when_idle()  # a Ray actor imports this module before torch (search/engine/omp_wait.py)
+
 # A stage: the (objective index, fidelity) pairs scored in one round trip.
 StageJobs = list[tuple[int, Any]]
 
@@ -66,6 +70,14 @@ def _import_model_code(models: dict[str, str]) -> None:
         pass
 
 
+def eval_tokens(objectives: list, device: str) -> int:
+    """Padded tokens of the largest forward pass the objectives run (an objective that cannot say: the default)."""
+    from search.engine.memory_estimate import DEFAULT_EVAL_TOKENS
+
+    sizes = [o.eval_batch_tokens(device.split(":")[0]) for o in objectives]
+    return max([DEFAULT_EVAL_TOKENS if t is None else t for t in sizes], default=0)
+
+
 class Worker:
     """Run by search/workers/worker_pool.py as a local process or a Ray actor; plain Python, so it can be tested
     and read without either."""
@@ -80,6 +92,7 @@ class Worker:
         allow_pickle: bool = False,
         threads: int | None = None,
         send_examples: bool = False,
+        adapters: dict[str, str] | None = None,
     ):
         # what the start costs, step by step (info()["startup_s"]; bench/bench_first_trial.py prints it)
         self.startup_s: dict[str, float] = {"began": time.time()}
@@ -96,7 +109,7 @@ class Worker:
         self.worker_id = worker_id
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.seed = seed
-        self.materializer = Materializer(models, self.device, allow_pickle=allow_pickle)
+        self.materializer = None  # made once the objectives say how large a batch they evaluate
         self.trial: int | None = None
         self.model = None
         self.tokenizer = None
@@ -117,6 +130,10 @@ class Worker:
             lap("requests")
         except UserError as e:
             self.startup_error = str(e)
+        # the memory plan counts the largest forward pass any objective runs (search/engine/memory_estimate.py);
+        # a model's LoRA adapter (alias -> folder) is merged in once, when the model first loads
+        self.materializer = Materializer(models, self.device, adapters=adapters, allow_pickle=allow_pickle,
+                                         eval_tokens=eval_tokens(self.objectives, self.device))
         _import_model_code(models)
         lap("model code")
 
@@ -139,6 +156,16 @@ class Worker:
         return {"sources": plan.mode, "sources_plan": plan.describe()}
 
     # ---- one trial, stage by stage -----------------------------------------
+
+    def _raised_plan(self) -> dict[str, Any]:
+        """The memory plan again when a recipe raised it (a larger output than the sources', intermediates):
+        printed on the worker's stderr and handed back with the trial."""
+        if not self.materializer.plan_raised:
+            return {}
+        self.materializer.plan_raised = False
+        line = self.materializer.memory_plan().describe()
+        print(f"worker {self.worker_id}: memory estimate raised for this recipe: {line}", file=sys.stderr, flush=True)
+        return {"sources_plan": line}
 
     def _drop(self) -> None:
         self.trial, self.model, self.tokenizer = None, None, None
@@ -177,7 +204,7 @@ class Worker:
             self._drop()
             return self._result(t0, ok=False, error=one_line(e), traceback=traceback.format_exc(limit=8))
         t2 = time.perf_counter()
-        return self._scored(t0, scores, materialize_s=t1 - t0, score_s=t2 - t1)
+        return self._scored(t0, scores, materialize_s=t1 - t0, score_s=t2 - t1, **self._raised_plan())
 
     def advance(self, trial: int, jobs: StageJobs, last: bool = False) -> dict[str, Any]:
         """Score the next stage on the candidate `begin` left resident."""

@@ -30,12 +30,17 @@ from search.workers.worker import OFFLINE_ENV, Worker
 from search.workers.worker_faults import CallFailed, WorkerDied
 
 
+# set by the command line (search/commands/cli.py): libraries' warnings as quiet in the workers as on the driver
+QUIET_ENV = ("PYTHONWARNINGS", "TRANSFORMERS_VERBOSITY")
+
+
 def worker_env(spec: RunSpec) -> dict[str, str]:
     """Each worker's environment: offline hub, the spec's folder and this one on its path (custom
-    objectives import from there), and a memory limit set for the run (search/engine/memory_plan.py)."""
+    objectives import from there), a memory limit set for the run (search/engine/memory_plan.py), and
+    the driver's settings of libraries' warnings."""
     pythonpath = os.pathsep.join(p for p in [str(spec.base_dir), os.getcwd(), os.environ.get("PYTHONPATH", "")] if p)
-    limit = {LIMIT_ENV: os.environ[LIMIT_ENV]} if os.environ.get(LIMIT_ENV) else {}
-    return {**OFFLINE_ENV, "PYTHONPATH": pythonpath, **limit}
+    passed = {k: os.environ[k] for k in (LIMIT_ENV, *QUIET_ENV) if os.environ.get(k)}
+    return {**OFFLINE_ENV, "PYTHONPATH": pythonpath, **passed}
 
 
 # a slot's workers dying this many times in a row, none returning a call, stop the run (3 replacements tried)
@@ -131,7 +136,7 @@ class WorkerPool:
     def worker_args(self, slot: Slot) -> tuple:
         spec = self.spec
         return (slot.name, spec.models, spec.objectives, str(spec.base_dir), spec.seed, spec.allow_pickle,
-                self.threads, self.send_examples)
+                self.threads, self.send_examples, spec.adapters)
 
     def _spawn(self, slot: Slot) -> None:
         slot.handle = self.workers.spawn(self.worker_class, self.worker_args(slot))

@@ -9,6 +9,9 @@ them, so the pages holding them stay shared instead of being copied on the colle
 
 import gc
 
+from search.engine.omp_wait import sleep_when_idle
+
+sleep_when_idle()  # before torch loads OpenMP: every worker forked from here inherits it
 gc.disable()
 try:
     import torch  # noqa: F401

@@ -9,7 +9,7 @@ For speed a method may
 - return one of its inputs unchanged when mergekit would store the same bytes
   (the caller then aliases it instead of copying),
 - write into `ctx.out`, a preallocated buffer, instead of allocating,
-- keep statistics that depend only on the inputs (norms, task vectors) in
+- keep statistics that depend only on the inputs (norms, ranks, draws) in
   `ctx.cache`, keyed by `Inputs.keys`, across candidates.
 """
 
@@ -55,28 +55,61 @@ class Inputs:
 
 
 class StatCache:
-    """Per-input statistics kept across candidates, least recently used dropped first."""
+    """Per-input statistics kept across candidates (slerp's norms, TIES's ranks, DARE's draws), within max_bytes.
+
+    A worker sizes max_bytes from the memory its plan leaves (search/engine/memory_plan.py). The
+    candidates of a search touch the same entries in the same order, every candidate: under least
+    recently used eviction a cache one entry too small would drop each entry just before it is needed
+    again and keep nothing. So an entry used by this candidate or the one before is never dropped for
+    a new one: what does not fit is computed again each time, while what fits stays. Entries unused
+    for two candidates (an earlier recipe's) make room, least recently used first."""
 
     def __init__(self, max_bytes: int = 2 << 30):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self.candidate = 0  # counts the candidates built (new_candidate)
+        self._items: OrderedDict[Hashable, tuple[Any, int, int]] = OrderedDict()  # value, bytes, last candidate
+
+    def new_candidate(self) -> None:
+        self.candidate += 1
 
     def get(self, key: Hashable | None, make: Callable[[], Any]) -> Any:
         if key is None:
             return make()
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key][0]
-        value = make()
-        size = _nbytes(value)
-        if size <= self.max_bytes:
-            self._items[key] = (value, size)
-            self.bytes += size
-            while self.bytes > self.max_bytes:
-                _, (_, dropped) = self._items.popitem(last=False)
-                self.bytes -= dropped
+        found = self.peek(key)
+        if found is not None:
+            return found
+        return self.put(key, make())
+
+    def peek(self, key: Hashable | None) -> Any:
+        """The kept value of key, or None."""
+        if key is None or key not in self._items:
+            return None
+        value, size, _ = self._items[key]
+        self._items[key] = (value, size, self.candidate)
+        self._items.move_to_end(key)
         return value
+
+    def room_for(self, size: int) -> bool:
+        """Whether an entry of `size` bytes would be kept now."""
+        return self.bytes + size <= self.max_bytes or self._evictable() >= self.bytes + size - self.max_bytes
+
+    def put(self, key: Hashable | None, value: Any) -> Any:
+        """Keep value under key if there is room (see the class); return value either way."""
+        size = _nbytes(value)
+        if key is None or not self.room_for(size):
+            return value
+        for old in list(self._items):
+            if self.bytes + size <= self.max_bytes:
+                break
+            if self._items[old][2] < self.candidate - 1:
+                self.bytes -= self._items.pop(old)[1]
+        self._items[key] = (value, size, self.candidate)
+        self.bytes += size
+        return value
+
+    def _evictable(self) -> int:
+        return sum(size for _, size, last in self._items.values() if last < self.candidate - 1)
 
     def clear(self) -> None:
         self._items.clear()
@@ -88,7 +121,7 @@ def _nbytes(value: Any) -> int:
         return value.numel() * value.element_size()
     if isinstance(value, (tuple, list)):
         return sum(_nbytes(v) for v in value)
-    return 64
+    return getattr(value, "nbytes", 64)
 
 
 @dataclass
@@ -97,6 +130,7 @@ class Context:
     generator: torch.Generator | None = None  # the random stream of randomized methods
     out: torch.Tensor | None = None  # write the result here when given (shape and dtype of the result)
     buffers: dict = field(default_factory=dict)  # scratch, reused across passes and candidates
+    draws: Any = None  # DARE's replay of `generator` (random_stream.RandomStream), made on first use
 
     def scratch(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable 1-d buffer of at least `numel` elements (grown, never shrunk)."""

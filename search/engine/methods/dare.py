@@ -3,26 +3,70 @@
 TIES's sign consensus (dare_ties), as mergekit 0.1.5 runs them.
 
 The draws come from `ctx.generator`, seeded like mergekit's `--random-seed`; the
-engine runs tensors in mergekit's order so each one sees the same stream.
+engine runs tensors in mergekit's order so each one sees the same stream. On the CPU
+they are replayed by random_stream.py (the same numbers, faster, kept across candidates);
+on an accelerator torch draws them as mergekit does.
 """
 
 from __future__ import annotations
 
 import torch
 
+from search.engine.method_params import PARAMS
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
-from search.engine.methods.ties import sign_consensus
+from search.engine.methods.random_stream import RandomStream, keep_bits, kept_bound, threshold
+from search.engine.methods.task_arithmetic import KEEP_ALL, Selection, generalized_merge, l1_norm
 
 
-def bernoulli(delta: torch.Tensor, density: float, rescale: bool, ctx: Context, key) -> torch.Tensor:
+def bernoulli(inputs: Inputs, i: int, density: float, rescale: bool, ctx: Context) -> Selection:
     if density >= 1:
-        return delta  # no draw at all: the stream is not advanced
+        return KEEP_ALL  # no draw at all: the stream is not advanced
+    base = inputs.base
+    on_cpu = base.device.type == "cpu"
     # torch has no CPU bernoulli for float16: mergekit draws in float32 there.
-    work = delta.dtype if (delta.device.type != "cpu" or delta.dtype == torch.bfloat16) else torch.float32
-    p = torch.full_like(delta, density, dtype=work)
-    mask = torch.bernoulli(p, generator=ctx.generator)
-    return rescaled_masked(delta.to(work), mask, rescale).to(delta.dtype)
+    work = base.dtype if (not on_cpu or base.dtype == torch.bfloat16) else torch.float32
+    p = torch.full((1,), density, dtype=work)  # the density as torch.full_like stores it
+    if not 0 <= float(p) <= 1:
+        raise ValueError(f"dare: density {density} is not a probability; use a density between 0 and 1")
+    stream = _stream(ctx) if on_cpu else None
+    keep = _replayed(stream, base.numel(), float(p), ctx) if stream is not None else _drawn(base, density, work, ctx)
+    scale = None
+    if rescale:
+        key = None if inputs.keys[i] is None else ("l1", inputs.keys[i], inputs.keys[inputs.base_index], work)
+        scale = (ctx.cache.get(key, lambda: l1_norm(inputs, i, work, None, ctx)), l1_norm(inputs, i, work, keep, ctx))
+    return Selection(keep=keep, work=work, scale=scale)
+
+
+def _stream(ctx: Context) -> RandomStream | None:
+    """The stage's stream, from its seeded generator (None without one: torch's global stream, drawn by torch)."""
+    if ctx.draws is None and ctx.generator is not None and ctx.generator.device.type == "cpu":
+        ctx.draws = RandomStream(ctx.generator)
+    return ctx.draws
+
+
+def _replayed(stream: RandomStream, n: int, p: float, ctx: Context):
+    """keep(start, end, out) for the next n draws of the stream: kept ones from the cache, else drawn (and kept)."""
+    bound = threshold(p)
+    short = kept_bound(bound)
+    key = stream.key(n)
+    kept = ctx.cache.peek(key) if short is not None else None
+    if kept is not None:
+        stream.skip(n)
+    else:
+        u = stream.uniform_bits(n, torch.empty(n, dtype=torch.int32), ctx)
+        if short is not None and key is not None and ctx.cache.room_for(2 * n):
+            kept = ctx.cache.put(key, keep_bits(u))
+        if kept is None:
+            return lambda start, end, out: torch.lt(u[start:end], bound, out=out)
+    if short > 32767:  # p rounds to 1: every draw is under it
+        return lambda start, end, out: out.fill_(True)
+    return lambda start, end, out: torch.lt(kept[start:end], short, out=out)
+
+
+def _drawn(base: torch.Tensor, density: float, work: torch.dtype, ctx: Context):
+    """keep(start, end, out) from torch's own bernoulli over the whole tensor (accelerators; torch's global stream)."""
+    flat = torch.bernoulli(torch.full_like(base, density, dtype=work), generator=ctx.generator).reshape(-1)
+    return lambda start, end, out: torch.ne(flat[start:end], 0, out=out)
 
 
 def merge_linear(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
@@ -30,19 +74,19 @@ def merge_linear(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Conte
 
 
 def merge_ties(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
-    return generalized_merge(inputs, shared, per_input, ctx, sparsify=bernoulli, consensus=sign_consensus)
+    return generalized_merge(inputs, shared, per_input, ctx, sparsify=bernoulli, consensus=True)
 
 
 DARE_TIES = Method(
     name="dare_ties",
-    params=family_params(default_normalize=False, default_rescale=True),
+    params=PARAMS["dare_ties"],
     merge=merge_ties,
     base="required",
     randomized=True,
 )
 DARE_LINEAR = Method(
     name="dare_linear",
-    params=family_params(default_normalize=False, default_rescale=True),
+    params=PARAMS["dare_linear"],
     merge=merge_linear,
     base="required",
     randomized=True,

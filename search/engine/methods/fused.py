@@ -40,6 +40,7 @@ import torch
 
 from search.engine.methods import fused_triton
 from search.engine.methods.base import Context, piece_size, pieces
+from search.engine.methods.lanes import run_pieces
 
 FUSE_MIN_NUMEL = 1 << 20
 # elements merged eagerly before compiling pays back: ~4 s of compiling / ~0.5 ns saved per element
@@ -98,18 +99,22 @@ def weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.T
 
 
 def eager_weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor, ctx: Context) -> None:
-    """The same pass as eager ops over pieces that stay in cache (all vectorized, same-dtype ops)."""
+    """The same pass as eager ops over pieces that stay in cache (all vectorized, same-dtype ops),
+    spread over the CPU's lanes (search/engine/methods/lanes.py)."""
     dtype = ca.dtype
     xa, xb = float(ca), float(cb)  # exact: a float32/64 value as a Python float
-    for start, end in pieces(out.numel(), piece_size(out)):
-        pa = ctx.scratch(1, end - start, dtype, a.device)
-        pb = ctx.scratch(2, end - start, dtype, a.device)
+
+    def combine(start: int, end: int, lane: int) -> None:
+        pa = ctx.scratch((1, lane), end - start, dtype, a.device)
+        pb = ctx.scratch((2, lane), end - start, dtype, a.device)
         pa.copy_(a[start:end])
         pa.mul_(xa)
         pb.copy_(b[start:end])
         pb.mul_(xb)
         pa.add_(pb)
         out[start:end].copy_(pa)
+
+    run_pieces(out.numel(), piece_size(out), combine, out.device)
 
 
 def device_weighted_sum(a: torch.Tensor, b: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, out: torch.Tensor, ctx: Context) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size, pieces
-from search.engine.parameters import ParamSpec
+from search.engine.method_params import PARAMS
+from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, piece_size
+from search.engine.methods.lanes import run_pieces
 
 
 def selected_input(inputs: Inputs, weights: list[float], normalize: bool, ctx: Context) -> int | None:
@@ -42,16 +43,16 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
     out = ctx.output_like(first)
     flat_out = out.view(-1)
     flats = [t.reshape(-1) for t in inputs.tensors]
-    n = flat_out.numel()
     on_cpu = first.device.type == "cpu"
-    for start, end in pieces(n, piece_size(flat_out)):
-        acc = ctx.scratch(0, end - start, acc_dtype, first.device)
+
+    def accumulate(start: int, end: int, lane: int) -> None:
+        acc = ctx.scratch((0, lane), end - start, acc_dtype, first.device)
         acc.zero_()
         for x, c in zip(flats, coefs):
             if on_cpu:
                 # Converting first is what torch does for a mixed-dtype addcmul_; done here
                 # explicitly, the addcmul_ itself runs on its fast same-dtype path.
-                piece = ctx.scratch(1, end - start, acc_dtype, first.device)
+                piece = ctx.scratch((1, lane), end - start, acc_dtype, first.device)
                 piece.copy_(x[start:end])
                 acc.addcmul_(piece, c)
             else:
@@ -61,11 +62,13 @@ def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> 
         if normalize:
             acc.div_(denominator)
         flat_out[start:end].copy_(acc)
+
+    run_pieces(flat_out.numel(), piece_size(flat_out), accumulate, first.device)
     return out
 
 
 METHOD = Method(
     name="linear",
-    params=(ParamSpec("weight", float, "input"), ParamSpec("normalize", bool, "shared", True)),
+    params=PARAMS["linear"],
     merge=merge,
 )

@@ -7,12 +7,10 @@ Block expansion sets `scale: 0` on o_proj/down_proj of the copied layers.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.parameters import ParamSpec
+from search.engine.method_params import PARAMS
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
@@ -32,7 +30,7 @@ def _has_nan(ctx: Context, key, x: torch.Tensor) -> bool:
 
 METHOD = Method(
     name="passthrough",
-    params=(ParamSpec("scale", Optional[float], "input", None),),
+    params=PARAMS["passthrough"],
     merge=merge,
     max_inputs=1,
 )

@@ -16,7 +16,7 @@ import torch
 
 from search.engine.methods.base import Context, Inputs, Method, copy_safe, finite, pieces
 from search.engine.methods.fused import weighted_sum
-from search.engine.parameters import ParamSpec
+from search.engine.method_params import PARAMS
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -120,7 +120,7 @@ def _stat_buffers(a: torch.Tensor, ctx: Context) -> tuple[torch.Tensor, torch.Te
 
 METHOD = Method(
     name="slerp",
-    params=(ParamSpec("t", float, "shared"),),
+    params=PARAMS["slerp"],
     merge=merge,
     base="required",
     min_inputs=2,

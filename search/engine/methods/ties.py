@@ -1,49 +1,92 @@
 """ties: task vectors trimmed to their largest-magnitude `density` share, then summed
-over the elements whose sign agrees with the weighted majority (mergekit 0.1.5)."""
+over the elements whose sign agrees with the weighted majority (mergekit 0.1.5).
+
+Which elements a density keeps comes from the ranks of each task vector's magnitudes
+(magnitude_ranks.py), computed once per pair and reused by every density after.
+"""
 
 from __future__ import annotations
 
 import torch
 
+from search.engine.method_params import PARAMS
 from search.engine.methods.base import Context, Inputs, Method
-from search.engine.methods.task_arithmetic import family_params, generalized_merge, rescaled_masked
+from search.engine.methods.lanes import map_in_lanes, run_pieces
+from search.engine.methods.magnitude_ranks import cached_ranks, kept_count, ranks
+from search.engine.methods.task_arithmetic import (
+    KEEP_ALL,
+    Selection,
+    delta_piece,
+    generalized_merge,
+    l1_norm,
+    piece_length,
+)
 
 
-def magnitude(delta: torch.Tensor, density: float, rescale: bool, ctx: Context, key) -> torch.Tensor:
-    """Keep the k = max(1, int(density * n)) largest |delta|; zero the rest."""
-    if density >= 1:
-        return delta
-    if density <= 0 or delta.numel() == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * delta.numel()))
+def magnitude(inputs: Inputs, i: int, density: float, rescale: bool, ctx: Context, rank: torch.Tensor | None = None) -> Selection:
+    """Keep the k = max(1, int(density * n)) largest |delta| (mergekit's order of equal ones); zero the rest.
+    rank: the task vector's ranks, when the caller has them."""
+    n = inputs.base.numel()
+    k = kept_count(density, n)
+    if k is None:
+        return KEEP_ALL
+    if k == 0:
+        return Selection(zero=True)
+    key = _key(inputs, i)
+    if rank is None:
+        rank = cached_ranks(lambda: magnitudes(inputs, i), key, ctx)
 
-    def order() -> torch.Tensor:
-        w = delta.abs().reshape(-1)
-        if w.device.type == "cpu":
-            w = w.float()
-        return torch.argsort(w, descending=True)
+    def keep(start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        return torch.lt(rank[start:end], k, out=out)
 
-    # The ranking depends on the task vector only, not on density: sort once.
-    ranking = ctx.cache.get(None if key is None else ("magnitude-order", key), order)
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[ranking[:k]] = 1
-    return rescaled_masked(delta, mask.reshape_as(delta), rescale)
+    scale = None
+    if rescale:
+        before = ctx.cache.get(None if key is None else ("l1", key), lambda: l1_norm(inputs, i, inputs.base.dtype, None, ctx))
+        scale = (before, l1_norm(inputs, i, inputs.base.dtype, keep, ctx))
+    return Selection(keep=keep, scale=scale)
 
 
-def sign_consensus(deltas: torch.Tensor, mask_dtype: torch.dtype) -> torch.Tensor:
-    """Elements whose sign matches the sign of the summed (weighted) task vectors."""
-    sign = deltas.sign().to(mask_dtype)
-    majority = (deltas.sum(dim=0) >= 0).to(mask_dtype) * 2 - 1
-    return sign == majority
+def _key(inputs: Inputs, i: int):
+    return None if inputs.keys[i] is None else (inputs.keys[i], inputs.keys[inputs.base_index])
+
+
+def magnitudes(inputs: Inputs, i: int) -> torch.Tensor:
+    """|x_i - base|, flattened, as mergekit sorts it: float32 on the CPU, the work dtype elsewhere."""
+    base = inputs.base
+    dtype = torch.float32 if base.device.type == "cpu" else base.dtype
+    w = torch.empty(base.numel(), dtype=dtype, device=base.device)
+    step = piece_length(base)
+    buffers: dict[int, torch.Tensor] = {}  # one piece per lane (this may run inside another lane's work)
+
+    def fill(start: int, end: int, lane: int) -> None:
+        buf = buffers.setdefault(lane, torch.empty(step, dtype=base.dtype, device=base.device))
+        w[start:end].copy_(delta_piece(inputs, i, start, end, buf[: end - start]).abs_())
+
+    run_pieces(base.numel(), step, fill, base.device)
+    return w
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
-    return generalized_merge(inputs, shared, per_input, ctx, sparsify=magnitude, consensus=sign_consensus)
+    # The sorts of a tensor's task vectors are independent (and single-threaded in torch): on the
+    # CPU they run side by side, one per lane, before the pass that uses them.
+    n = inputs.base.numel()
+    wanted = [i for i in range(len(inputs.tensors)) if i != inputs.base_index and kept_count(per_input[i]["density"], n)]
+    found = {i: ctx.cache.peek(("magnitude-ranks", _key(inputs, i))) if _key(inputs, i) is not None else None for i in wanted}
+    missing = [i for i in wanted if found[i] is None]
+    for i, rank in zip(missing, map_in_lanes(lambda i: ranks(magnitudes(inputs, i)), missing, inputs.base.device)):
+        found[i] = rank
+        if _key(inputs, i) is not None:
+            ctx.cache.put(("magnitude-ranks", _key(inputs, i)), rank)
+
+    def sparsify(inputs: Inputs, i: int, density: float, rescale: bool, ctx: Context) -> Selection:
+        return magnitude(inputs, i, density, rescale, ctx, found.get(i))
+
+    return generalized_merge(inputs, shared, per_input, ctx, sparsify=sparsify, consensus=True)
 
 
 METHOD = Method(
     name="ties",
-    params=family_params(default_normalize=True, default_rescale=False),
+    params=PARAMS["ties"],
     merge=merge,
     base="required",
 )
