@@ -224,7 +224,8 @@ def children(pid: int) -> list[int]:
 class MemorySampler(threading.Thread):
     """RSS / PSS / USS of every process under `root`, every `every` seconds, by role: the driver
     (`mergesearch run`), the fork server (its child) and the workers (the fork server's children). Keeps each
-    process's peaks and the workers' samples (time, USS, RSS), to find a trial's peak from its time window."""
+    process's peaks and the workers' samples (time, USS, RSS), to find a trial's peak from its time window.
+    A worker's name and log are those of the file its stderr goes to (the pool's `<name>.log`)."""
 
     def __init__(self, root: int, every: float = 0.2):
         super().__init__(daemon=True)
@@ -243,6 +244,7 @@ class MemorySampler(threading.Thread):
                     for k, v in now.items():
                         peak[k] = max(peak[k], v)
                     if role == "worker":
+                        peak.setdefault("log", worker_log(pid))
                         self.samples[pid].append((time.time(), now["uss"], now["rss"]))
             self.done.wait(self.every)
 
@@ -258,13 +260,64 @@ class MemorySampler(threading.Thread):
                 yield child, "other"
 
     def workers(self) -> list[dict]:
-        """Each worker's peaks and samples, in the order they started (w0, w1, then any replacement)."""
-        return sorted((p | {"pid": pid, "samples": self.samples[pid]} for pid, p in self.peaks.items()
-                       if p["role"] == "worker"), key=lambda p: p["first_seen"])
+        """Each worker's name, log, peaks and samples, in the order they started."""
+        out = []
+        for pid, p in sorted(self.peaks.items(), key=lambda kv: kv[1]["first_seen"]):
+            if p["role"] == "worker":
+                log = p.get("log")
+                out.append(p | {"pid": pid, "name": Path(log).stem if log else f"pid {pid}",
+                                "samples": self.samples[pid]})
+        return out
 
 
-PLAN = re.compile(r"worker (w\d+)\S* on node \S+ \((\w+)\): sources ([\w-]+): sources ([\d.]+) GiB \+ candidate "
-                  r"([\d.]+) GiB \+ headroom ([\d.]+) GiB (<=|>) ([\d.]+) GiB available")
+def worker_log(pid: int) -> str | None:
+    """The file a worker's stderr goes to (search/workers/local_workers.py: `<tmp>/<name>.log`), or None."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/2")
+    except OSError:
+        return None
+    return target if target.endswith(".log") else None
+
+
+# The memory plan a worker prints (search/engine/memory_plan.py, MemoryPlan.describe), e.g.
+#   sources shared-mmap: runtime 0.38 GiB + sources 0.75 GiB + candidate 0.25 GiB + merge temporaries 0.84 GiB
+#   + evaluation 0.52 GiB + allocator 0.06 GiB + cache 1.00 GiB (of 1.00 GiB usable) = 3.81 GiB <= 22.74 GiB
+#   available (MemAvailable)
+# at its start in the run's log ("worker w0 on node vm (cpu): <plan>"), and in its own log when a recipe
+# raised it ("worker w0: memory estimate raised for this recipe: <plan>").
+PLAN = re.compile(r"sources ([\w-]+): (.+?) = ([\d.]+) GiB (<=|>) ([\d.]+) GiB available \(([^)]*)\)")
+PART = re.compile(r"([a-z][a-z ]*?) ([\d.]+) GiB")
+STARTED = re.compile(r"^worker (\S+) on node \S+ \((\w+)\): (.*)$", re.MULTILINE)
+RAISED = re.compile(r"^worker (\S+): memory estimate raised for this recipe: (.*)$", re.MULTILINE)
+
+
+def parse_plan(line: str) -> dict | None:
+    """{mode, parts: {name: GiB}, total, fits, available, limit_from} of a printed plan; None if it is none
+    (a worker that could not read a model prints the error instead)."""
+    m = PLAN.search(line)
+    if m is None:
+        return None
+    mode, parts, total, relation, available, limit_from = m.groups()
+    # "cache 1.00 GiB (of 1.00 GiB usable)": the usable amount is not held, so it is cut before the parts
+    parts = {k: float(v) for k, v in PART.findall(re.sub(r" \(of [\d.]+ GiB usable\)", "", parts))}
+    return {"mode": mode, "parts": parts, "total": float(total), "fits": relation == "<=",
+            "available": float(available), "limit_from": limit_from}
+
+
+def worker_plans(run_log: str, workers: list[dict]) -> dict[str, list[dict]]:
+    """Each worker's printed plans, by name: the one at its start, then any a recipe raised."""
+    plans = collections.defaultdict(list)
+    for name, device, line in STARTED.findall(run_log):
+        plan = parse_plan(line)
+        if plan:
+            plans[name].append(plan | {"device": device, "when": "start"})
+    for w in workers:
+        if w.get("log") and Path(w["log"]).is_file():
+            for name, line in RAISED.findall(Path(w["log"]).read_text(errors="replace")):
+                plan = parse_plan(line)
+                if plan:
+                    plans[name].append(plan | {"when": "raised"})
+    return dict(plans)
 
 
 def run_search(spec: dict, work: Path) -> dict:
@@ -287,10 +340,9 @@ def run_search(spec: dict, work: Path) -> dict:
     wall = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"mergesearch run {path} exited {code}; see {log}")
-    plans = [dict(zip(("worker", "device", "mode", "sources", "candidate", "headroom", "fits", "available"), m))
-             for m in PLAN.findall(log.read_text())]
-    return {"wall_s": wall, "run_dir": str(run_dir), "plans": plans, "workers": sampler.workers(),
-            "driver": next(p for p in sampler.peaks.values() if p["role"] == "driver")}
+    workers = sampler.workers()
+    return {"wall_s": wall, "run_dir": str(run_dir), "plans": worker_plans(log.read_text(), workers),
+            "workers": workers, "driver": next(p for p in sampler.peaks.values() if p["role"] == "driver")}
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
@@ -298,9 +350,9 @@ def run_search(spec: dict, work: Path) -> dict:
 
 def trial_rows(recs: list[dict], workers: list[dict]) -> list[dict]:
     """Per search trial: build and score seconds, and its worker's peak USS / RSS while it ran (samples
-    between its dispatch and its end; `workers` in start order, so w0 is the first)."""
+    between its dispatch and its end; a worker not sampled shows "-")."""
     rows = []
-    names = {f"w{i}": w for i, w in enumerate(workers)}  # a replacement (w0.1) has no samples here: "-"
+    names = {w["name"]: w for w in workers}
     for r in recs:
         if r.get("baseline") or r.get("duplicate_of") is not None or not r.get("timings"):
             continue
@@ -344,6 +396,10 @@ def mib(n: int | float) -> str:
     return f"{n / 2**20:.0f}"
 
 
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
 def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
     import statistics
 
@@ -366,17 +422,21 @@ def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
         lines.append(f"\n{method}: build median {statistics.median(build):.2f} s (min {min(build):.2f}, max "
                      f"{max(build):.2f}) over {len(rows)} trials; score median "
                      f"{statistics.median(r['score_s'] for r in rows):.2f} s")
-    lines += ["", "| worker | pid | peak RSS MiB | peak PSS MiB | peak USS MiB | plan printed: sources + candidate + "
-              "headroom (GiB) | mode |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for i, w in enumerate(measured["workers"]):
-        plan = next((p for p in measured["plans"] if p["worker"] == f"w{i}"), None)
-        est = (f"{plan['sources']} + {plan['candidate']} + {plan['headroom']} = "
-               f"{float(plan['sources']) + float(plan['candidate']) + float(plan['headroom']):.2f}"
-               if plan else "(replacement: not printed)")
-        lines.append(f"| w{i} | {w['pid']} | {mib(w['rss'])} | {mib(w['pss'])} | {mib(w['uss'])} | {est} | "
-                     f"{plan['mode'] if plan else '-'} |")
+    lines += ["", "| worker | pid | peak RSS GiB | peak PSS GiB | peak USS GiB | plan printed (GiB; the largest, of "
+              "how many) | plan total GiB | peak RSS / total | mode |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for w in measured["workers"]:
+        plans = measured["plans"].get(w["name"], [])
+        plan = max(plans, key=lambda p: p["total"], default=None)
+        if plan is None:
+            parts, total, ratio, mode = "(not printed)", "-", "-", "-"
+        else:
+            parts = " + ".join(f"{k} {v:.2f}" for k, v in plan["parts"].items()) + f" ({len(plans)} printed)"
+            total, ratio, mode = f"{plan['total']:.2f}", f"{w['rss'] / 2**30 / plan['total']:.2f}", plan["mode"]
+        lines.append(f"| {w['name']} | {w['pid']} | {gib(w['rss'])} | {gib(w['pss'])} | {gib(w['uss'])} | {parts} | "
+                     f"{total} | {ratio} | {mode} |")
     d = measured["driver"]
-    lines.append(f"| driver | | {mib(d['rss'])} | {mib(d['pss'])} | {mib(d['uss'])} | | |")
+    lines.append(f"| driver | | {gib(d['rss'])} | {gib(d['pss'])} | {gib(d['uss'])} | | | | |")
     lines += ["", "| model | search acc | held-out acc | test acc (mean over skills) |", "| --- | --- | --- | --- |"]
     for n, b in sorted(judged["baselines"].items(), key=lambda kv: -kv[1]["test"]):
         lines.append(f"| {n} | {fmt(b['search'])} | {fmt(b['heldout'])} | {b['test']:.3f} |")
