@@ -382,7 +382,7 @@ def judge(spec: dict, work: Path, run_dir: Path, workers: list[dict]) -> dict:
     test = {name: scorer.test(r["recipe"]) for name, r in baselines.items()}
     win_test, win_examples = scorer.test(best["recipe"])
     top = max(test, key=lambda n: test[n][0])
-    paired = margin(win_examples, test[top][1], "maximize")
+    paired = margin(win_examples, test[top][1], "maximize") or {"difference": win_test - test[top][0], "ci95": None}
     return {"winner": best["trial"], "winner_params": best["params"], "winner_search": best["values"][0],
             "winner_heldout": (best.get("heldout") or [None])[0], "winner_test": win_test,
             "baselines": {n: {"search": r["values"][0] if r.get("values") else None,
@@ -403,13 +403,13 @@ def gib(n: int | float) -> str:
 def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
     import statistics
 
+    from search.results.verdict import verdict_line
+
     counts = collections.Counter(r["state"].lower() for r in judged["trials"])
-    v = judged["verdict"]
     lines = [f"### {name}: `{spec['space']}`", "",
              f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed; wall "
              f"{measured['wall_s']:.0f} s (start-up, baselines, trials, held-out re-scores, report). The run's own "
-             f"verdict (held-out): winner {v['winner_score']:.3f} vs {v['best_baseline']} {v['baseline_score']:.3f}, "
-             f"{v['difference']:+.3f} (95% CI {v['ci95'][0]:+.3f} to {v['ci95'][1]:+.3f}).",
+             f"verdict: {verdict_line(judged['verdict']) or 'none'}.",
              "", "| trial | method | state | worker | build s | score s | stages | search acc | worker peak USS / "
              "RSS MiB during the trial |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in judged["trials"]:
@@ -442,9 +442,9 @@ def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
         lines.append(f"| {n} | {fmt(b['search'])} | {fmt(b['heldout'])} | {b['test']:.3f} |")
     lines.append(f"| **winner** (trial {judged['winner']}) | {fmt(judged['winner_search'])} | "
                  f"{fmt(judged['winner_heldout'])} | **{judged['winner_test']:.3f}** |")
-    low, high = judged["ci95"]
+    ci = "" if judged["ci95"] is None else " (paired 95% CI {:+.3f} to {:+.3f})".format(*judged["ci95"])
     lines += ["", f"Winner minus the best baseline ({judged['best_baseline']}) on the test mean: "
-                  f"{judged['margin']:+.3f} (paired 95% CI {low:+.3f} to {high:+.3f}). Winner: "
+                  f"{judged['margin']:+.3f}{ci}. Winner: "
                   f"`{judged['winner_params']}`.", ""]
     return "\n".join(lines)
 
@@ -476,6 +476,8 @@ def main() -> None:
             continue
         print(f"searching the {space} space ({spec['trials']} trials, 2 workers)", flush=True)
         measured = run_search(spec, args.work)
+        results[space] = {"spec": spec, "measured": measured}  # kept should judging fail
+        (args.work.parent / "real_model.json").write_text(json.dumps(results, indent=1, default=str))
         import torch
 
         torch.set_num_threads(2)  # the run is over: this process has the cores to judge it
