@@ -175,9 +175,10 @@ def specs(models: dict[str, Path], tasks: Path, trials: int) -> dict[str, dict]:
     """The runs: the weights space over all three specialists, the slerp space between max and min."""
 
     def spec(name: str, space: dict, skills: list[str]) -> dict:
+        used = ([space["base"]] if "base" in space else []) + space["models"]  # the workers map every model given
         return {
             "name": name,
-            "models": {k: str(v) for k, v in models.items()},
+            "models": {k: str(models[k]) for k in used},
             "space": space,
             "objectives": [{"kind": "lmeval", "include_path": str(tasks), "tasks": [f"{s}_search" for s in skills],
                             "metric": "acc", "fidelities": [16, 64], "direction": "maximize"}],
@@ -445,8 +446,12 @@ def report(name: str, spec: dict, measured: dict, judged: dict) -> str:
     ci = "" if judged["ci95"] is None else " (paired 95% CI {:+.3f} to {:+.3f})".format(*judged["ci95"])
     lines += ["", f"Winner minus the best baseline ({judged['best_baseline']}) on the test mean: "
                   f"{judged['margin']:+.3f}{ci}. Winner: "
-                  f"`{judged['winner_params']}`.", ""]
+                  f"`{rounded(judged['winner_params'])}`.", ""]
     return "\n".join(lines)
+
+
+def rounded(params: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def fmt(x: float | None) -> str:
@@ -455,7 +460,7 @@ def fmt(x: float | None) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--trials", type=int, default=40)
     p.add_argument("--spaces", default="weights,slerp")
     p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "real_model")
     args = p.parse_args()
