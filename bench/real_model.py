@@ -16,8 +16,9 @@
    on the test splits, which nothing in the run saw, with the paired 95% interval (bench/search_quality.py's
    Scorer builds each in this process and scores it).
 
-Run (under the shared machine's lock; about 25 min the first time, the fine-tunes cached after):
-    flock /work/heavy.lock .venv/bin/python bench/real_model.py [--trials 30] [--spaces weights,slerp]
+Run (under the shared machine's lock; 447 s on 2 cores for 40 trials per space with the fine-tunes cached,
+BENCHMARKS.md "Real model: SmolLM2-135M-Instruct"; the first run also fine-tunes the three specialists):
+    flock /work/heavy.lock .venv/bin/python bench/real_model.py [--trials 40] [--spaces weights,slerp]
 Raw results: bench/out/real_model.json; the tables print as Markdown for BENCHMARKS.md.
 """
 
