@@ -8,7 +8,7 @@ The estimate a worker prints and decides by (memory_plan.py) is the sum of:
   the window of the jobs in flight (the current and the next job's inputs);
 - candidate: the live model a candidate is written into (and a multi-stage recipe's intermediates);
 - temporaries: what a merge pass holds beyond its output, for the most demanding native method
-  over these sources (merge_temporaries): TIES's sort of a task vector (16 bytes an element of
+  over these sources (merge_temporaries): TIES's sort of a task vector (12 bytes an element of
   the largest tensor, one sort per lane at a time) and its ranks, DARE's draws (4 bytes an
   element per model) and the whole-tensor buffer of its L1 norms, conversions to a recipe dtype;
 - evaluation: a forward pass of the largest batch the objectives run (evaluation_bytes): logits
