@@ -17,6 +17,7 @@ math, one small function per method) and moe.py (Mixtral assembly); output.py
 and merge_command.py write a recipe's result to disk (`mergesearch merge`).
 Vocabularies that differ (`tokenizer_source`, `tokenizer:`): stage_tokenizers.py, then
 vocabulary.py (the output tokenizer) and vocabulary_rows.py (the re-indexed embeddings).
+A recipe's `chat_template:`: chat_template.py (the template), set on the tokenizer by stage_tokenizers.py.
 LoRA adapters (`model+adapter`): lora.py (what an adapter changes) and lora_merge.py (the math).
 
 Import rule (tests/test_layout.py): the engine imports nothing from the rest of

@@ -263,6 +263,8 @@ class Materializer:
                     if job.vocabulary_axis is not None:
                         rows = [info(m).tensors[n].shape[job.vocabulary_axis] for m, n in zip(job.models, job.tensors)]
                         self._tokenizers.row_plan(plan, job, rows, where)
+            if stage.chat_template:  # a template mergekit could not set, or `auto` left to chance: refused now
+                self._tokenizers.stage_origin(stage, named, where)
             if stage.name:
                 earlier[stage.name] = plan.output
                 named[stage.name] = stage
@@ -319,10 +321,11 @@ class Materializer:
 
     def tokenizer(self, recipe: Recipe | list[Recipe]) -> transformers.PreTrainedTokenizerBase:
         """The tokenizer mergekit would save with the merge: the one a tokenizer setting builds, else the base
-        model's. The same object for every candidate of one setting: do not modify it."""
+        model's, with the chat template a `chat_template:` sets. The same object for every candidate of one
+        setting and template: do not modify it."""
         stages = as_stages(recipe)
-        if any(stage_setting(s) for s in stages):
-            self.plan(stages)  # builds their vocabularies, or finds them built
+        if any(stage_setting(s) or getattr(s, "chat_template", None) for s in stages):
+            self.plan(stages)  # builds their vocabularies (or finds them built), checks their templates
         return self._tokenizers.output_tokenizer(stages)
 
     # ---- internals ---------------------------------------------------------------

@@ -95,8 +95,9 @@ def source_model_names(stages: list[Recipe]) -> list[str]:
 def copied_tokenizer(stages: list[Recipe]) -> str | None:
     """The model whose tokenizer files mergekit copies verbatim: the base model, else the first model,
     followed back through intermediate stages. None where mergekit saves a tokenizer it built or read
-    instead: a stage on the way sets a tokenizer, the output is a mixture of experts, or the donor has a
-    LoRA adapter (mergekit reads its model's tokenizer and saves it)."""
+    instead: a stage on the way sets a tokenizer or a chat template (mergekit then saves the tokenizer
+    with the template set), the output is a mixture of experts, or the donor has a LoRA adapter
+    (mergekit reads its model's tokenizer and saves it)."""
     by_name = {s.name: s for s in stages if s.name}
     stage = stages[-1]
     for _ in range(len(stages)):
@@ -115,7 +116,7 @@ def recipe_file_name(stages: list[Recipe]) -> str:
 
 
 def needs_built_tokenizer(stage: Recipe) -> bool:
-    """True when the tokenizer cannot be copied verbatim: mergekit builds or modifies it."""
+    """True when the tokenizer cannot be copied verbatim: mergekit builds it, or reads it and sets its chat template."""
     if isinstance(stage, MoERecipe):
         return True  # mergekit-moe re-saves the base tokenizer with left padding
     return bool(stage.tokenizer_source or stage.tokenizer or stage.chat_template)
@@ -191,7 +192,10 @@ def build(
     donor = copied_tokenizer(stages)
     if donor is None:
         tokenizer = materializer.tokenizer(recipe_arg)
-        if isinstance(final, MoERecipe):
+        if tokenizer is None:  # mergekit, too, goes on without one (chat_template: it cannot read the donor's)
+            print("mergesearch merge: warning: the donor model has no tokenizer files; the output has no tokenizer",
+                  file=sys.stderr)
+        elif isinstance(final, MoERecipe):
             tokenizer = _as_mergekit_moe_saves_it(tokenizer, final.gate_mode)
     else:
         tokenizer = _tokenizer_folder(models[donor])

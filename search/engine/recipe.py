@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
+from search.engine import chat_template as chat_templates
 from search.engine import safe_yaml
 from search.engine.errors import UserError, short
 from search.engine.tokenizer_config import TokenizerBlock
@@ -109,7 +110,16 @@ class MergeRecipe(_Strict):
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[Name] = None
     tokenizer: Optional[TokenizerBlock] = None
-    chat_template: Optional[str] = None
+    chat_template: Optional[str] = None  # auto, a name mergekit ships, or a Jinja template (chat_template.py)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _usable_template(cls, value):
+        # mergekit would fail on it only once the merge is written; refuse it now
+        message = chat_templates.problem(value)
+        if message is not None:
+            raise ValueError(message)
+        return value
 
     @model_validator(mode="after")
     def _one_input_form(self):
@@ -244,6 +254,11 @@ def from_dict(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{where}: expected a mapping of mergekit config keys, got {type(data).__name__}")
     kind = MoERecipe if "experts" in data else MergeRecipe
+    if kind is MoERecipe and "chat_template" in data:
+        raise RecipeError(
+            f"{where}: chat_template: mergekit-moe has no such key (it ignores it and keeps the base model's "
+            "template); remove it, or set the template in a mergekit-yaml stage that builds the base model"
+        )
     try:
         return kind.model_validate(data)
     except ValidationError as e:

@@ -5,14 +5,22 @@ following an intermediate stage back to where its tokenizer came from. A stage w
 `tokenizer:` gets the vocabulary vocabulary.py builds; it is built once per source set and setting, and so
 are the re-indexed embeddings of each source set (vocabulary_rows.py), so a candidate pays nothing for them
 after the first. Stages without a setting cost nothing here.
+
+A stage's `chat_template:` (chat_template.py) is set on a copy of its tokenizer, made once per tokenizer and
+template: the built one for a stage with a tokenizer setting, else the donor's read again from its files
+(mergekit then reads the donor's tokenizer, it does not copy its files). A later stage sees it as mergekit-multi's
+next run would, in the folder the stage was written to: its `auto` counts it, a vocabulary reads it, and a
+stage without a setting keeps it.
 """
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Hashable
 
+from search.engine import chat_template as chat_templates
 from search.engine.methods import StatCache
 from search.engine.recipe import MergeRecipe, Recipe
 from search.engine.tokenizer_config import TokenizerSetting, stage_setting
@@ -41,34 +49,66 @@ class StageTokenizers:
         self.vocab_size = vocab_size
         self._shared: dict[str, "transformers.PreTrainedTokenizerBase | None"] = {}  # folder -> tokenizer
         self._vocabularies: dict[Hashable, Vocabulary] = {}
+        self._templated: dict[Hashable, "transformers.PreTrainedTokenizerBase | None"] = {}  # chat_template origins
         self._row_plans: dict[Hashable, RowPlan] = {}
         # re-indexed embeddings per source set (a search may pick many sets of models)
         self._reindexed = cache
 
     # ---- where a stage's tokenizer comes from ------------------------------------
 
-    def origin(self, name: str, stages: dict[str, Recipe]) -> Hashable:
-        """What the tokenizer of model or stage `name` is: a source folder, or a built vocabulary."""
-        seen = set()
-        while name in stages and name not in seen:
-            seen.add(name)
-            stage = stages[name]
-            setting = stage_setting(stage)
-            if setting is not None:
-                return ("vocabulary", self._key(stage, setting, stages))
-            name = donor(stage)
+    def origin(self, name: str, stages: dict[str, Recipe], _seen: frozenset = frozenset()) -> Hashable:
+        """What the tokenizer of model or stage `name` is: ("folder", a source's folder), ("vocabulary", key)
+        built by a stage's tokenizer setting, or ("chat_template", origin, template, reread) with a stage's
+        chat template set on it."""
+        if name in stages and name not in _seen:
+            return self.stage_origin(stages[name], stages, "recipe", _seen | {name})
         return ("folder", str(self.folder(name)))
+
+    def stage_origin(self, stage: Recipe, stages: dict[str, Recipe], where: str = "recipe",
+                     _seen: frozenset = frozenset()) -> Hashable:
+        """The origin of a stage's output tokenizer; `stages`: the earlier stages by name. UserError (naming
+        `where`) for a chat template mergekit cannot set."""
+        setting = stage_setting(stage)
+        inner = ("vocabulary", self._key(stage, setting, stages)) if setting else self.origin(donor(stage), stages, _seen)
+        asked = getattr(stage, "chat_template", None)  # a mergekit-moe stage has none
+        if not asked:
+            return inner  # the tokenizer is kept as it is (mergekit copies the donor's files)
+        template = chat_templates.resolve(
+            asked, lambda: [(n, self.template(self.origin(n, stages, _seen))) for n in chat_templates.auto_models(stage)],
+            where,
+        )
+        reread = setting is None  # mergekit reads the donor's tokenizer from its folder and saves it again
+        if template is None and not reread:
+            return inner
+        return ("chat_template", inner, template, reread)
+
+    def template(self, origin: Hashable) -> object:
+        """The chat_template of the tokenizer of `origin` (None when it has none, or no tokenizer)."""
+        if origin[0] == "chat_template":
+            _, inner, template, _ = origin
+            return self.template(inner) if template is None else template
+        tokenizer = self.tokenizer(origin)
+        return None if tokenizer is None else tokenizer.chat_template
+
+    def tokenizer(self, origin: Hashable) -> "transformers.PreTrainedTokenizerBase | None":
+        """The tokenizer of `origin`, one object per origin (shared: do not modify it)."""
+        kind = origin[0]
+        if kind == "folder":
+            return self.shared(origin[1])
+        if kind == "vocabulary":
+            return self._vocabularies[origin[1]].tokenizer
+        if origin not in self._templated:
+            _, inner, template, reread = origin
+            tokenizer = self.fresh(inner) if reread else copy.deepcopy(self.tokenizer(inner))
+            if tokenizer is not None and template is not None:
+                tokenizer.chat_template = template
+            self._templated[origin] = tokenizer
+        return self._templated[origin]
 
     def output_tokenizer(self, stages: list[Recipe]) -> "transformers.PreTrainedTokenizerBase | None":
         """The tokenizer of the last stage's output (the shared object: do not modify it)."""
         named = {s.name: s for s in stages if s.name}
-        final = stages[-1]
-        setting = stage_setting(final)
-        origin = ("vocabulary", self._key(final, setting, named)) if setting else self.origin(donor(final), named)
-        kind, key = origin
-        if kind == "folder":
-            return self.shared(key)
-        return self._vocabularies[key].tokenizer
+        return self.tokenizer(self.stage_origin(stages[-1], named))
 
     def shared(self, folder: str) -> "transformers.PreTrainedTokenizerBase | None":
         if folder not in self._shared:
@@ -108,11 +148,14 @@ class StageTokenizers:
     def fresh(self, origin: Hashable) -> "transformers.PreTrainedTokenizerBase | None":
         """A tokenizer of its own (building a vocabulary modifies it), read from files as mergekit reads them:
         a source's from its folder, an intermediate stage's as mergekit-multi wrote it."""
-        kind, key = origin
+        kind = origin[0]
         if kind == "folder":
-            return load_tokenizer(key)
+            return load_tokenizer(origin[1])
+        tokenizer = self.tokenizer(origin)
+        if tokenizer is None:
+            return None
         with tempfile.TemporaryDirectory() as folder:
-            self._vocabularies[key].tokenizer.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
             return load_tokenizer(folder)
 
     # ---- re-indexed embeddings -----------------------------------------------------
