@@ -4,6 +4,7 @@ real Optuna (TPE with its pruner), tiny stand-in models."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def test_a_recipe_already_scored_is_not_built_again_and_a_spent_space_ends_the_r
     copies = [r for r in recs if r["duplicate_of"] is not None]
     assert len({r["recipe"] for r in built}) == len(built) == 3  # each recipe built once
     assert sum(result.counts.values()) == 3  # duplicates do not count toward the budget of 10
+    # stacks of 10 to 14 layers from an 8-layer model: the first one built outgrows the worker's memory plan,
+    # which the worker prints again and the trial keeps
+    raised = [r["sources_plan"] for r in built if r["sources_plan"]]
+    assert raised and all(re.match(r"sources [\w-]+: runtime .* = [\d.]+ GiB", p) for p in raised), raised
     assert len(copies) >= 100  # the run ended after 100 proposals in a row repeated old recipes
     by_number = {r["trial"]: r for r in trials_of(spec.run_dir)}
     for c in copies:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from search.engine.architectures import Architecture, WeightSpec, output_config
+from search.engine.architectures import Architecture, WeightSpec, config_value, output_config
 from search.engine.errors import UserError
 from search.engine.hf_config import hf_config
 from search.engine.mergekit_definitions import architecture_of
@@ -245,6 +245,8 @@ def depth_change_refusal(config: dict, num_layers_key: str, num_layers: int) -> 
     mergekit writes a stack's config.json as the base's config object with the new depth, which
     transformers 5 validates on saving: a config that lists something per layer (`layer_types`)
     fails there, and mergekit writes nothing."""
+    if not _lists_per_layer(config, config_value(config, num_layers_key)):
+        return None  # nothing in it has the old depth's length: transformers' validation has nothing to refuse
     hf = hf_config(config)
     *parents, last = num_layers_key.split(".")
     node = hf
@@ -256,6 +258,13 @@ def depth_change_refusal(config: dict, num_layers_key: str, num_layers: int) -> 
     except Exception as e:  # transformers' validation errors have no common type
         return str(e).strip().splitlines()[-1].strip()
     return None
+
+
+def _lists_per_layer(node, num_layers) -> bool:
+    """Whether a config holds a list of num_layers entries (`layer_types`, a per-layer window), at any depth."""
+    if isinstance(node, dict):
+        return any(_lists_per_layer(v, num_layers) for v in node.values())
+    return isinstance(node, list) and len(node) == num_layers
 
 
 def check_depth_writable(donor: ModelInfo, num_layers: int, where: str) -> None:

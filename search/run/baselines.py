@@ -217,7 +217,7 @@ def _add_trial(study: optuna.Study, setup, baseline: Baseline, rec: dict, exampl
     setup.space.suggest(fixed)  # records each param's distribution, as a real trial would
     intermediate = {s["step"]: s["scores"][setup.objective_names[0]] for s in rec["stages"] if s["step"] is not None}
     # (a baseline scored by an older mergesearch, resumed, has no worker or timings: when is then now)
-    work = {k: rec.get(k) for k in ("worker", "workers", "node", "sources", "attempts", "timings")}
+    work = {k: rec.get(k) for k in ("worker", "workers", "node", "sources", "sources_plan", "attempts", "timings")}
     record = {"recipe": baseline.point_yaml, "stages": rec["stages"], **work}
     timings = rec.get("timings") or {}
     trial = optuna.trial.FrozenTrial(

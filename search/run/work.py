@@ -22,6 +22,7 @@ class Work:
     started: float = 0.0  # driver clock at this attempt's first call, for trial_timeout
     workers: list[str] = field(default_factory=list)  # one per attempt
     timings: dict = field(default_factory=_timings)
+    raised_plan: str | None = None  # the worker's memory plan, when this recipe raised it (worker.py)
 
     def attempt(self, worker_name: str) -> None:
         """A new attempt starts on this worker."""
@@ -36,6 +37,7 @@ class Work:
         for key in ("materialize_s", "score_s"):
             if key in result:
                 self.timings[key].append(result[key])
+        self.raised_plan = result.get("sources_plan") or self.raised_plan
 
     def finished(self) -> None:
         self.timings["finished"] = time.time()
@@ -48,6 +50,7 @@ class Work:
             "workers": self.workers,
             "node": info.get("node"),
             "sources": info.get("sources"),  # resident, shared-mmap or streamed
+            "sources_plan": self.raised_plan,  # None unless this recipe raised the worker's memory plan
             "attempts": self.attempts,
             "timings": self.timings,
         }

@@ -107,6 +107,7 @@ def _work(rec: dict[str, Any]) -> dict[str, Any]:
         "workers": rec.get("workers", []),  # one per attempt, when a dead worker's trial was retried
         "node": rec.get("node"),
         "sources": rec.get("sources"),  # how the worker kept the source models: resident, shared-mmap or streamed
+        "sources_plan": rec.get("sources_plan"),  # the worker's memory plan, when this recipe raised it
         "attempts": rec.get("attempts", 0),
         "timings": rec.get("timings", {}),
     }
