@@ -24,10 +24,10 @@ ABOUT = """\
 Search mergekit merge recipes for language models. Name some models and a
 space of recipes (slerp t-curves, weights and densities, passthrough layouts,
 block expansion, MoE expert picks, or stages of these); mergesearch samples
-recipes with Optuna, builds each candidate in memory in Ray workers, scores it
-on a cheap proxy eval in stages (pruning weak ones early), and hands back the
-winner as mergekit YAML that mergekit-yaml / mergekit-moe / mergekit-multi
-rebuild exactly."""
+recipes with Optuna, builds each candidate in memory in its workers (local
+processes, or Ray actors on a cluster), scores it on a cheap proxy eval in
+stages (pruning weak ones early), and hands back the winner as mergekit YAML
+that mergekit-yaml / mergekit-moe / mergekit-multi rebuild exactly."""
 
 START = """\
 where to start:
