@@ -13,8 +13,8 @@ folder removed and `sync`ed away first, the sources in the page cache for both. 
 each process's own peak resident set (GNU time's %M). After the runs both
 outputs are compared tensor by tensor, bit for bit.
 
-    flock /work/heavy.lock .venv/bin/python bench/bench_merge_cli.py --model smollm2 [--methods ties dare_ties] [--repeats 3]
-    flock /work/heavy.lock .venv/bin/python bench/bench_merge_cli.py --model tinyllama --methods slerp --dtype seed
+    .venv/bin/python bench/bench_merge_cli.py --model smollm2 [--methods ties dare_ties] [--repeats 3]
+    .venv/bin/python bench/bench_merge_cli.py --model tinyllama --methods slerp --dtype seed
 
 Not a test: tinyllama needs ~12 GB of disk and several GiB of memory, and takes many minutes.
 Targets (issue 21): merge at least 5x faster than mergekit-yaml on the real model for every native

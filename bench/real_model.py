@@ -18,7 +18,7 @@
 
 Run (under the shared machine's lock; 447 s on 2 cores for 40 trials per space with the fine-tunes cached,
 BENCHMARKS.md "Real model: SmolLM2-135M-Instruct"; the first run also fine-tunes the three specialists):
-    flock /work/heavy.lock .venv/bin/python bench/real_model.py [--trials 40] [--spaces weights,slerp]
+    .venv/bin/python bench/real_model.py [--trials 40] [--spaces weights,slerp]
 Raw results: bench/out/real_model.json; the tables print as Markdown for BENCHMARKS.md.
 """
 

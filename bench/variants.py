@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the real model and the stand-ins' tokenizer live with the tests
+from real_model import build_once, smollm2_folder  # noqa: E402
 SCALE = 0.02
 _BESIDE_WEIGHTS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "chat_template.jinja")
@@ -35,24 +37,23 @@ def variant(base: Path, folder: Path, seed: int, scale: float = SCALE) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     print(f"writing {folder} ...", flush=True)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    with safe_open(base / "model.safetensors", "pt") as f:
-        for name in sorted(f.keys()):
-            t = f.get_tensor(name)
-            x = t.float()
-            rms = x.pow(2).mean().sqrt()
-            tensors[name] = (x + torch.randn(x.shape, generator=gen) * (scale * rms)).to(t.dtype)
-            del x
-    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-    for f in _BESIDE_WEIGHTS:
-        if (base / f).is_file():
-            shutil.copyfile(base / f, tmp / f)
-    tmp.rename(folder)
-    return folder
+
+    def write(tmp: Path) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        with safe_open(base / "model.safetensors", "pt") as f:
+            for name in sorted(f.keys()):
+                t = f.get_tensor(name)
+                x = t.float()
+                rms = x.pow(2).mean().sqrt()
+                tensors[name] = (x + torch.randn(x.shape, generator=gen) * (scale * rms)).to(t.dtype)
+                del x
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        for f in _BESIDE_WEIGHTS:
+            if (base / f).is_file():
+                shutil.copyfile(base / f, tmp / f)
+
+    return build_once(folder, write)
 
 
 SEVEN_B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -82,20 +83,17 @@ def _write_streamed(folder: Path, config: dict, shapes: dict, fill) -> Path:
     if (folder / "model.safetensors").is_file():
         return folder
     print(f"writing {folder} ...", flush=True)
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with MappedShards(tmp, {n: (s, torch.bfloat16) for n, s in shapes.items()}, max_shard_size=1 << 62) as shards:
-        for name in shapes:
-            fill(name, shards.tensors[name])
-            shards.release(name)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    sys.path.insert(0, str(REPO / "tests"))
     from standins import make_tokenizer
 
-    make_tokenizer().save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    def write(tmp: Path) -> None:
+        with MappedShards(tmp, {n: (s, torch.bfloat16) for n, s in shapes.items()}, max_shard_size=1 << 62) as shards:
+            for name in shapes:
+                fill(name, shards.tensors[name])
+                shards.release(name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        make_tokenizer().save_pretrained(tmp)
+
+    return build_once(folder, write)
 
 
 def seven_b_family(root: Path, layers: int = 32, count: int = 1) -> tuple[Path, list[Path]]:
@@ -144,9 +142,6 @@ def _stable_seed(name: str) -> int:
 
 def smollm2_family(root: Path, count: int = 2) -> tuple[Path, list[Path]]:
     """(SmolLM2-135M-Instruct's folder, `count` variant folders under root), made on first use."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from real_model import smollm2_folder
-
     base = smollm2_folder()
     return base, [variant(base, root / f"smollm2-variant-{i + 1}", seed=1000 + i) for i in range(count)]
 
@@ -157,7 +152,6 @@ def tinyllama_family(root: Path, count: int = 2) -> tuple[Path, list[Path]]:
 
     base = root / "tinyllama-a"
     if not (base / "model.safetensors").is_file():
-        sys.path.insert(0, str(REPO / "tests"))
         from standins import make_tokenizer
 
         print(f"writing {base} ...", flush=True)
