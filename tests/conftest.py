@@ -181,7 +181,7 @@ class MergekitOracle:
     """mergekit 0.1.5's console scripts run on stand-ins (or any `zoo` with `paths(names)`); outputs (or
     failures) cached per (recipe, seed)."""
 
-    def __init__(self, root: Path, zoo: StandinZoo | RealModels):
+    def __init__(self, root: Path, zoo: StandinZoo | ModelFolders):
         self.root = root
         self.zoo = zoo
         self._done: dict[str, Path] = {}
@@ -270,8 +270,8 @@ def mergekit_oracle(tmp_path_factory, standin_zoo) -> MergekitOracle:
     return MergekitOracle(tmp_path_factory.mktemp("mergekit"), standin_zoo)
 
 
-class RealModels(dict):
-    """Name as written in the real-model recipes -> folder: SmolLM2 and two seeded perturbations of it."""
+class ModelFolders(dict):
+    """Model name as written in recipes -> its folder, as MergekitOracle asks for them (paths(names))."""
 
     def paths(self, names) -> dict[str, Path]:
         return {n: self[n] for n in names}
@@ -285,8 +285,9 @@ def smollm2() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_models(smollm2) -> RealModels:
-    return RealModels({"smollm2": smollm2, "smollm2-a": perturbed_folder(1), "smollm2-b": perturbed_folder(2)})
+def real_models(smollm2) -> ModelFolders:
+    """SmolLM2 and two seeded perturbations of it, by the names the real-model recipes use."""
+    return ModelFolders({"smollm2": smollm2, "smollm2-a": perturbed_folder(1), "smollm2-b": perturbed_folder(2)})
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import transformers
 import yaml
-from conftest import MergekitOracle, assert_same_tensors, read_tensors
+from conftest import MergekitOracle, ModelFolders, assert_same_tensors, read_tensors
 from standins import make_finetune, make_standin
 from vocab_standins import CHAT_MARKERS, make_vocab_variant
 
@@ -240,14 +240,6 @@ def with_template(folder: Path, template: str | None) -> Path:
     return folder
 
 
-class _Folders:
-    def __init__(self, folders: dict[str, Path]):
-        self.folders = folders
-
-    def paths(self, names) -> dict[str, Path]:
-        return {n: self.folders[n] for n in names}
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("chat-template")
@@ -264,7 +256,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def oracle(folders, tmp_path_factory) -> MergekitOracle:
-    mk = MergekitOracle(tmp_path_factory.mktemp("chat-template-mergekit"), _Folders(folders))
+    mk = MergekitOracle(tmp_path_factory.mktemp("chat-template-mergekit"), ModelFolders(folders))
     mk.prefetch([(text, None) for text, _ in CASES.values()])
     return mk
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from conftest import MergekitOracle, assert_same_tensors, read_tensors
+from conftest import MergekitOracle, ModelFolders, assert_same_tensors, read_tensors
 from standins import make_standin
 from vocab_standins import CHAT_MARKERS, make_tied, make_vocab_variant
 
@@ -194,16 +194,6 @@ tokenizer_source: base
 RECIPES["multi-stage-union-then-plain"] = RECIPES["multi-stage-union-then-slerp"].replace("\ntokenizer_source: base\n", "\n")
 
 
-class _Folders:
-    """The oracle's view of the stand-ins: model name -> folder."""
-
-    def __init__(self, folders: dict[str, Path]):
-        self.folders = folders
-
-    def paths(self, names) -> dict[str, Path]:
-        return {n: self.folders[n] for n in names}
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab")
@@ -227,7 +217,7 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def oracle(folders, tmp_path_factory) -> MergekitOracle:
-    mk = MergekitOracle(tmp_path_factory.mktemp("vocab-mergekit"), _Folders(folders))
+    mk = MergekitOracle(tmp_path_factory.mktemp("vocab-mergekit"), ModelFolders(folders))
     mk.prefetch([(text, None) for text in RECIPES.values()])
     return mk
 
