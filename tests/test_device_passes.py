@@ -65,14 +65,14 @@ def test_fused_kernel_is_never_used_off_the_gpu():
 
 def test_rescaling_decided_on_the_device_gives_the_same_values():
     """DARE's L1 rescaling without a host branch: the same values as mergekit's branch, small norms included."""
-    from search.engine.methods.task_arithmetic import l1_norms_apply
+    from search.engine.methods.task_arithmetic import Selection, l1_norms_apply
 
     g = torch.Generator().manual_seed(2)
     for scale in (1.0, 1e-9, 0.0):
         x = (torch.randn(300, 70, generator=g) * scale).to(torch.bfloat16)
         for mask in ((torch.rand(300, 70, generator=g) < 0.3).to(x.dtype), torch.zeros_like(x)):
             masked = x * mask
-            norms = (x.abs().sum(), masked.abs().sum())
+            norms = Selection(scale=(x.abs().sum(), masked.abs().sum()))
             host = l1_norms_apply(masked.clone(), norms, on_device=False)
             device = l1_norms_apply(masked.clone(), norms, on_device=True)
             assert torch.equal(host.view(torch.int16), device.view(torch.int16)), scale

@@ -59,7 +59,7 @@ def _replayed(stream: RandomStream, n: int, p: float, ctx: Context):
         if kept is None:
             return lambda start, end, out: torch.lt(u[start:end], bound, out=out)
     if short > 32767:  # p rounds to 1: every draw is under it
-        return lambda start, end, out: out.fill_(True)
+        return lambda start, end, out: out.fill_(1)
     return lambda start, end, out: torch.lt(kept[start:end], short, out=out)
 
 

@@ -20,30 +20,41 @@ than the memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable
 
 import torch
 
 from search.engine.method_params import PARAMS
+from search.engine.methods import mask_ops
 from search.engine.methods.base import CHUNK, DEVICE_PIECE, Context, Inputs, Method
 from search.engine.methods.lanes import run_pieces
 
 EPS = 1e-7  # mergekit's rescale guard
-# CPU pieces: a quarter of CHUNK, so that the ~8 bytes an element the pass keeps per model stay in L2.
+# CPU pieces: a quarter of CHUNK. The pass keeps ~16 bytes an element per model in scratch (float32 copies,
+# masks, products: mask_ops.py); of CHUNK / 16, / 8, / 4 and / 2, a quarter ran fastest here.
 FAMILY_PIECE = CHUNK // 4
 # Scratch slots (Context.scratch) of this family's passes.
-(_DELTAS, _SIGN, _SIGN_MASK, _AGREE, _AGREE_AS_DTYPE, _PRODUCT, _SUMMED, _MAJORITY_BOOL, _MAJORITY, _MIXED, _WORK, _KEEP,
- _FULL) = range(10, 23)
+_DELTAS, _MIXED, _DIVISOR, _WORK, _KEEP, _FULL, _MASK_OPS = range(10, 17)
 
 
 @dataclass
 class Selection:
     """How one task vector is sparsified for this candidate (mergekit's `sparsify`)."""
 
-    keep: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None  # writes the kept-mask of elements [s, e) into a bool piece
+    # writes the kept-mask of elements [s, e) as 1s and 0s into an integer piece (mask_ops.flag_dtype)
+    keep: Callable[[int, int, torch.Tensor], torch.Tensor] | None = None
     zero: bool = False  # torch.zeros_like (density <= 0 under TIES): +0 everywhere, not delta * 0
     work: torch.dtype | None = None  # the dtype masking and rescaling run in (DARE: float32 for float16 on the CPU)
     scale: tuple[torch.Tensor, torch.Tensor] | None = None  # DARE's L1 norms (before, after masking), 0-dim
+
+    @cached_property
+    def host_factor(self) -> float | None:
+        """The rescale factor before / after as a Python float (on the CPU, the same product as by the
+        0-dim tensor, on torch's fast path), settled once per tensor; None where mergekit leaves the
+        masked vector as it is (either norm under EPS)."""
+        before, after = self.scale
+        return None if before < EPS or after < EPS else float(before / after)
 
 
 KEEP_ALL = Selection()
@@ -61,15 +72,15 @@ def delta_piece(inputs: Inputs, i: int, start: int, end: int, out: torch.Tensor)
     return torch.sub(inputs.tensors[i].reshape(-1)[start:end], inputs.base.reshape(-1)[start:end], out=out)
 
 
-def l1_norms_apply(masked: torch.Tensor, scale: tuple[torch.Tensor, torch.Tensor], on_device: bool) -> torch.Tensor:
+def l1_norms_apply(masked: torch.Tensor, sel: Selection, on_device: bool) -> torch.Tensor:
     """masked * (before / after), unless either norm is under EPS (mergekit's rescaled_masked_tensor), in place.
     mergekit branches on the norms in Python, which on a GPU waits for both sums; the same choice
     made on the device (on_device) gives the same values without waiting."""
-    before, after = scale
     if not on_device:
-        if not (before < EPS or after < EPS):
-            masked.mul_(before / after)
+        if sel.host_factor is not None:
+            masked.mul_(sel.host_factor)
         return masked
+    before, after = sel.scale
     return torch.where((before < EPS) | (after < EPS), masked, masked * (before / after), out=masked)
 
 
@@ -81,15 +92,24 @@ def l1_norm(inputs: Inputs, i: int, work: torch.dtype, keep, ctx: Context) -> to
     full = ctx.scratch(_FULL, n, work, base.device)
 
     def fill(start: int, end: int, lane: int) -> None:
-        d = delta_piece(inputs, i, start, end, ctx.scratch((_DELTAS, lane), end - start, base.dtype, base.device))
         piece = full[start:end]
-        piece.copy_(d)
+        if work == base.dtype:
+            delta_piece(inputs, i, start, end, piece)
+        else:
+            piece.copy_(delta_piece(inputs, i, start, end, ctx.scratch((_DELTAS, lane), end - start, base.dtype, base.device)))
         if keep is not None:
-            piece.mul_(keep(start, end, ctx.scratch((_KEEP, lane), end - start, torch.bool, base.device)))
+            piece.mul_(kept_mask(keep, start, end, piece, ctx, lane))
         piece.abs_()
 
     run_pieces(n, piece_length(base), fill, base.device)
     return full.view(base.shape).sum()
+
+
+def kept_mask(keep, start: int, end: int, like: torch.Tensor, ctx: Context, lane: int) -> torch.Tensor:
+    """The kept-mask of elements [start, end) as the 1s and 0s of like's dtype: what mergekit's
+    `x * mask` multiplies a bool mask as (the bool itself is a slow path of torch's on the CPU)."""
+    flags = ctx.scratch((_KEEP, lane), end - start, mask_ops.flag_dtype(like.dtype), like.device)
+    return mask_ops.as_mask(keep(start, end, flags), like.dtype)
 
 
 def select(sel: Selection, d: torch.Tensor, start: int, end: int, ctx: Context, lane: int = 0) -> None:
@@ -99,18 +119,13 @@ def select(sel: Selection, d: torch.Tensor, start: int, end: int, ctx: Context, 
         return
     if sel.keep is None:
         return
-    keep = sel.keep(start, end, ctx.scratch((_KEEP, lane), end - start, torch.bool, d.device))
     on_device = d.device.type != "cpu"
-    if sel.work is None or sel.work == d.dtype:
-        d.mul_(keep)
-        if sel.scale is not None:
-            l1_norms_apply(d, sel.scale, on_device)
-        return
-    w = ctx.scratch((_WORK, lane), end - start, sel.work, d.device).copy_(d)
-    w.mul_(keep)
+    w = d if sel.work is None or sel.work == d.dtype else ctx.scratch((_WORK, lane), end - start, sel.work, d.device).copy_(d)
+    w.mul_(kept_mask(sel.keep, start, end, w, ctx, lane))
     if sel.scale is not None:
-        l1_norms_apply(w, sel.scale, on_device)
-    d.copy_(w)
+        l1_norms_apply(w, sel, on_device)
+    if w is not d:
+        d.copy_(w)
 
 
 def generalized_merge(
@@ -131,13 +146,13 @@ def generalized_merge(
 
     m, n, dtype, device = len(others), base.numel(), base.dtype, base.device
     weights = torch.tensor([per_input[i]["weight"] for i in others], dtype=dtype, device=device).unsqueeze(-1)
-    mask_dtype = torch.int8 if shared["int8_mask"] else dtype
     divisor = None
     if not consensus:
         divisor = weights.sum(dim=0)
         divisor.masked_fill_(divisor.abs() < 1e-8, 1)  # mergekit: divisor[divisor.abs() < 1e-8] = 1
     out = ctx.output_like(base)
     flat_base, flat_out = base.reshape(-1), out.view(-1)
+    acc_weights = weights.to(mask_ops.acc_dtype(dtype))
 
     def combine(start: int, end: int, lane: int) -> None:
         c = end - start
@@ -147,10 +162,14 @@ def generalized_merge(
             select(sel, deltas[row], start, end, ctx, lane)
         deltas.mul_(weights)
         mixed = ctx.scratch((_MIXED, lane), c, dtype, device)
+
+        def scratch(slot: int, numel: int, dt: torch.dtype) -> torch.Tensor:
+            return ctx.scratch((_MASK_OPS, slot, lane), numel, dt, device)
+
         if consensus:
-            div = _sign_consensus(deltas, weights, mask_dtype, mixed, ctx, lane)
+            div = mask_ops.sign_consensus(deltas, acc_weights, mixed, ctx.scratch((_DIVISOR, lane), c, dtype, device), scratch)
         else:
-            torch.sum(deltas, dim=0, out=mixed)
+            mask_ops.sum_models(deltas, mixed, scratch)
             div = divisor
         if shared["normalize"]:
             mixed.div_(div)
@@ -160,31 +179,6 @@ def generalized_merge(
 
     run_pieces(n, piece_length(base), combine, device)
     return out
-
-
-def _sign_consensus(deltas: torch.Tensor, weights: torch.Tensor, mask_dtype: torch.dtype, mixed: torch.Tensor,
-                    ctx: Context, lane: int) -> torch.Tensor:
-    """TIES's consensus on one piece of weighted task vectors [m, c]: mixed = the sum of the elements whose
-    sign agrees with the sign of the sum; returns the divisor (the sum of their weights, 0 -> 1).
-    mergekit's get_mask and its two sums, into scratch buffers."""
-    m, c = deltas.shape
-    dtype, device = deltas.dtype, deltas.device
-    sign = torch.sign(deltas, out=ctx.scratch((_SIGN, lane), m * c, dtype, device).view(m, c))
-    if mask_dtype != dtype:
-        sign = ctx.scratch((_SIGN_MASK, lane), m * c, mask_dtype, device).view(m, c).copy_(sign)
-    summed = torch.sum(deltas, dim=0, out=ctx.scratch((_SUMMED, lane), c, dtype, device))
-    positive = torch.ge(summed, 0, out=ctx.scratch((_MAJORITY_BOOL, lane), c, torch.bool, device))
-    majority = ctx.scratch((_MAJORITY, lane), c, mask_dtype, device).copy_(positive)
-    majority.mul_(2).sub_(1)
-    agree = torch.eq(sign, majority, out=ctx.scratch((_AGREE, lane), m * c, torch.bool, device).view(m, c))
-    # x * agree promotes the bool mask to x's dtype (1 or 0) element by element, a slow path on the
-    # CPU; converted once, both products below run on the fast same-dtype one (the same values)
-    agree = ctx.scratch((_AGREE_AS_DTYPE, lane), m * c, dtype, device).view(m, c).copy_(agree)
-    product = ctx.scratch((_PRODUCT, lane), m * c, dtype, device).view(m, c)
-    torch.sum(torch.mul(deltas, agree, out=product), dim=0, out=mixed)
-    divisor = torch.sum(torch.mul(weights, agree, out=product), dim=0, out=summed)
-    divisor.masked_fill_(torch.eq(divisor, 0, out=positive), 1)  # mergekit: divisor[divisor == 0] = 1
-    return divisor
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
