@@ -6,8 +6,9 @@ where the divisor is sum_i w_i (or, with a sign consensus, the sum of the weight
 that agree with the majority sign at each element). Weights are rounded to the
 work dtype first, as mergekit does.
 
-How it runs: mergekit's own sequence of torch ops, op for op and dtype for dtype, but over
-pieces of the flattened tensors into reused scratch buffers. Every op of that sequence is
+How it runs: mergekit's own sequence of torch ops, op for op and dtype for dtype (its bool masks
+and sums over the models as equivalent ops on torch's fast paths, the same bits: mask_ops.py), but
+over pieces of the flattened tensors into reused scratch buffers. Every op of that sequence is
 elementwise or a sum over the models at one element, so a piece computes exactly the bytes the
 whole tensor would; the pass reads the inputs and writes the output once, where mergekit's ops
 make a dozen tensor-sized temporaries (its peak memory, and first-touch page faults). What needs
@@ -32,7 +33,7 @@ from search.engine.methods.lanes import run_pieces
 
 EPS = 1e-7  # mergekit's rescale guard
 # CPU pieces: a quarter of CHUNK. The pass keeps ~16 bytes an element per model in scratch (float32 copies,
-# masks, products: mask_ops.py); of CHUNK / 16, / 8, / 4 and / 2, a quarter ran fastest here.
+# masks, products: mask_ops.py); of CHUNK / 16, / 8 and / 4, a quarter ran fastest here.
 FAMILY_PIECE = CHUNK // 4
 # Scratch slots (Context.scratch) of this family's passes.
 _DELTAS, _MIXED, _DIVISOR, _WORK, _KEEP, _FULL, _MASK_OPS = range(10, 17)
@@ -166,7 +167,7 @@ def generalized_merge(
         def scratch(slot: int, numel: int, dt: torch.dtype) -> torch.Tensor:
             return ctx.scratch((_MASK_OPS, slot, lane), numel, dt, device)
 
-        if consensus:
+        if consensus:  # int8_mask only changes the dtype mergekit holds the signs in: the same mask
             div = mask_ops.sign_consensus(deltas, acc_weights, mixed, ctx.scratch((_DIVISOR, lane), c, dtype, device), scratch)
         else:
             mask_ops.sum_models(deltas, mixed, scratch)
