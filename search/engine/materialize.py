@@ -36,6 +36,7 @@ from search.engine.memory_estimate import MemoryNeed, source_shapes, worker_need
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.methods.lanes import lane_count
+from search.engine.methods.task_arithmetic import pieces_in_flight
 from search.engine.plan import Job, ModelInfo, StagePlan, plan_stage, promoted_dtype
 from search.engine.recipe import MoERecipe, Recipe, as_stages, check_stage_names
 from search.engine.sources import (
@@ -573,7 +574,8 @@ def memory_need(mat: Materializer, plans: list | None = None) -> MemoryNeed:
     return worker_need(
         shapes, runtime=_runtime_bytes(mat), candidate=candidate, intermediates=intermediates, work_itemsize=work,
         keep_converted=mat.keep_converted, eval_tokens=mat.eval_tokens, eval_config=config,
-        lanes=lane_count(mat.device), staging=mat._stage_sources or torch.device(mat.device).type != "cpu",
+        lanes=lane_count(mat.device), piece_numel=pieces_in_flight(mat.device),
+        staging=mat._stage_sources or torch.device(mat.device).type != "cpu",
         cache_limit=mat._cache_bytes,
     )
 

@@ -10,7 +10,9 @@ The estimate a worker prints and decides by (memory_plan.py) is the sum of:
 - temporaries: what a merge pass holds beyond its output, for the most demanding native method
   over these sources (merge_temporaries): TIES's sort of a task vector (12 bytes an element of
   the largest tensor, one sort per lane at a time) and its ranks, DARE's draws (4 bytes an
-  element per model) and the whole-tensor buffer of its L1 norms, conversions to a recipe dtype;
+  element per model) and the whole-tensor buffer of its L1 norms, the family pass's scratch for the
+  pieces in flight (PIECE_BYTES: small per CPU lane, GiBs for an accelerator's large pieces),
+  conversions to a recipe dtype;
 - evaluation: a forward pass of the largest batch the objectives run (evaluation_bytes): logits
   (tokens x vocabulary, in the model's dtype and twice in float32: the objective's cast and its
   log-softmax), the widest layer's activations, attention scores;
@@ -30,6 +32,12 @@ RANK_BYTES = 4  # int32 ranks (magnitude_ranks.py), kept or not
 DRAW_BYTES = 4  # int32 draws per model (random_stream.py)
 KEPT_DRAW_BYTES = 2  # kept draws (random_stream.py): what DARE's cache holds per element and model
 FLOAT_BYTES = 4
+# The task-arithmetic family's scratch per element of a piece in flight (task_arithmetic.py, mask_ops.py):
+# per model the task vector, its kept-mask, float32 copy, mask and products, and a dtype copy of them to
+# sum (18); per element the sums, the divisor, the majority and the zero test (16). A CPU lane's piece is
+# small (a few MiB in all); an accelerator's is up to DEVICE_PIECE elements (GiBs).
+PIECE_BYTES_PER_MODEL = 18
+PIECE_BYTES = 16
 ALLOCATOR_SLACK = 64 << 20  # glibc arenas, torch's thread pools, lane scratch
 # Tokens of a forward pass when an objective cannot say (a custom function's own batches).
 DEFAULT_EVAL_TOKENS = 2048
@@ -84,7 +92,7 @@ def source_shapes(sources: list[tuple[int, list[tuple[int, int]]]]) -> SourceSha
 
 def worker_need(shapes: SourceShapes, *, runtime: int, candidate: int, intermediates: int = 0,
                 work_itemsize: int | None = None, keep_converted: bool = True, eval_tokens: int = 0,
-                eval_config: dict | None = None, lanes: int = 1, staging: bool = False,
+                eval_config: dict | None = None, lanes: int = 1, piece_numel: int = 0, staging: bool = False,
                 cache_limit: int | None = None) -> MemoryNeed:
     """A worker's need for these sources and the recipe it will build (see the module docstring).
     cache_limit: a bound the caller set on the cache (0: none kept)."""
@@ -96,23 +104,25 @@ def worker_need(shapes: SourceShapes, *, runtime: int, candidate: int, intermedi
         runtime=runtime,
         sources=shapes.total_bytes + converted,
         candidate=candidate + intermediates,
-        temporaries=merge_temporaries(shapes, lanes, work_itemsize),
+        temporaries=merge_temporaries(shapes, lanes, work_itemsize, piece_numel),
         evaluation=evaluation_bytes(eval_tokens, eval_config or {}, work_itemsize or shapes.itemsize),
         cache_useful=cache_useful(shapes) if cache_limit is None else min(cache_limit, cache_useful(shapes)),
         window=window,
     )
 
 
-def merge_temporaries(shapes: SourceShapes, lanes: int, work_itemsize: int | None = None) -> int:
-    """Bytes a merge pass holds beyond its output, for the most demanding native method (TIES or DARE)."""
+def merge_temporaries(shapes: SourceShapes, lanes: int, work_itemsize: int | None = None, piece_numel: int = 0) -> int:
+    """Bytes a merge pass holds beyond its output, for the most demanding native method (TIES or DARE).
+    piece_numel: the elements of the family pass's pieces in flight (all lanes'), whose scratch counts too."""
     n = shapes.largest_numel
     others = max(1, shapes.count - 1)
     work = work_itemsize or shapes.itemsize
     ties = min(lanes, others) * SORT_BYTES * n + others * RANK_BYTES * n
     dare = others * (DRAW_BYTES + KEPT_DRAW_BYTES) * n + max(work, FLOAT_BYTES) * n
+    pieces = min(piece_numel, n) * (others * PIECE_BYTES_PER_MODEL + PIECE_BYTES)
     # inputs converted to a recipe dtype piece by piece (streamed; `mergesearch merge`): one buffer per input
     conversion = shapes.count * max(work, FLOAT_BYTES) * n if work != shapes.itemsize else 0
-    return max(ties, dare) + conversion
+    return max(ties, dare) + pieces + conversion
 
 
 def cache_useful(shapes: SourceShapes) -> int:

@@ -29,7 +29,7 @@ import torch
 from search.engine.method_params import PARAMS
 from search.engine.methods import mask_ops
 from search.engine.methods.base import CHUNK, DEVICE_PIECE, Context, Inputs, Method
-from search.engine.methods.lanes import run_pieces
+from search.engine.methods.lanes import lane_count, run_pieces
 
 EPS = 1e-7  # mergekit's rescale guard
 # CPU pieces: a quarter of CHUNK. The pass keeps ~16 bytes an element per model in scratch (float32 copies,
@@ -66,6 +66,12 @@ Sparsifier = Callable[[Inputs, int, float, bool, Context], Selection]
 
 def piece_length(t: torch.Tensor) -> int:
     return FAMILY_PIECE if t.device.type == "cpu" else DEVICE_PIECE
+
+
+def pieces_in_flight(device: torch.device | str) -> int:
+    """Elements of the pass's pieces held at once on `device` (their scratch: memory_estimate.py): a
+    piece per CPU lane, one large one on an accelerator."""
+    return lane_count(device) * FAMILY_PIECE if torch.device(device).type == "cpu" else DEVICE_PIECE
 
 
 def delta_piece(inputs: Inputs, i: int, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
