@@ -29,7 +29,7 @@ _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # scratch(slot, numel, dtype) -> a reusable 1-d tensor of the calling lane
 Scratch = Callable[[int, int, torch.dtype], torch.Tensor]
-_ACC, _ROW, _F, _MAJORITY, _MASK, _PRODUCTS, _ZERO, _STEP = range(8)
+_ACC, _ROW, _F, _MAJORITY, _MASK, _PRODUCTS, _ZERO = range(7)
 
 
 def flag_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,7 +69,8 @@ def sum_models(rows: torch.Tensor, out: torch.Tensor, scratch: Scratch) -> torch
                 acc.add_(x)
         # A NaN's bits (sign, payload) depend on which operand an add returns and on the conversion's
         # code path: torch's own sum decides them (a piece with a NaN, or inf - inf, is rare).
-        if not torch.isnan(acc.sum()):
+        total = float(acc.sum())
+        if total == total:
             return out.copy_(acc)
     return torch.sum(rows if rows.dtype == out.dtype else rows.to(out.dtype), dim=0, out=out)
 
@@ -84,16 +85,11 @@ def sign_consensus(deltas: torch.Tensor, weights: torch.Tensor, mixed: torch.Ten
     acc = acc_dtype(deltas.dtype)
     f = deltas if acc == deltas.dtype else scratch(_F, m * c, acc).view(m, c).copy_(deltas)
     # majority: +1 where the sum (rounded to dtype, as torch has it) is >= 0, else -1 (NaN too)
-    majority = scratch(_MAJORITY, c, acc).copy_(sum_models(f, mixed, scratch))
-    torch.ge(majority, 0, out=majority).mul_(2).sub_(1)
+    majority = torch.ge(sum_models(f, mixed, scratch), 0, out=scratch(_MAJORITY, c, acc)).mul_(2).sub_(1)
     # mask = sign(x) == majority, i.e. x * majority > 0; then x * mask and w * mask
     mask = torch.mul(f, majority, out=scratch(_MASK, m * c, acc).view(m, c))
     torch.gt(mask, 0, out=mask)
     sum_models(torch.mul(f, mask, out=scratch(_PRODUCTS, m * c, acc).view(m, c)), mixed, scratch)  # x or +-0 (NaN for inf)
     sum_models(torch.mul(mask, weights, out=mask), divisor, scratch)
-    # divisor[divisor == 0] = 1, on the bits: +-0 (all but the sign bit clear) becomes 1.0
-    u = divisor.view(flag_dtype(divisor.dtype))
-    zero, step = scratch(_ZERO, c, u.dtype), scratch(_STEP, c, u.dtype)
-    torch.eq(torch.bitwise_and(u, (1 << (8 * u.element_size() - 1)) - 1, out=zero), 0, out=zero)
-    u.add_(torch.neg(u, out=step).add_(one_bits(divisor.dtype)).mul_(zero))  # u + zero * (1.0's bits - u)
-    return divisor
+    # divisor[divisor == 0] = 1: +-0 + 1 is 1, and x + 0 is x for every other x (NaN too)
+    return divisor.add_(torch.eq(divisor, 0, out=scratch(_ZERO, c, divisor.dtype)))
