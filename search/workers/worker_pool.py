@@ -66,7 +66,6 @@ class Slot:
     handle: Any = None
     generation: int = 0
     retired: bool = False
-    info: dict = field(default_factory=dict)
     busy_s: float = 0.0
     calls: int = 0
     trials: int = 0
