@@ -15,7 +15,7 @@ import torch
 from search.engine.method_params import PARAMS
 from search.engine.methods.base import Context, Inputs, Method
 from search.engine.methods.random_stream import RandomStream, keep_bits, kept_bound, threshold
-from search.engine.methods.task_arithmetic import KEEP_ALL, Selection, generalized_merge, l1_norm
+from search.engine.methods.task_arithmetic import KEEP_ALL, KeptBelow, Selection, generalized_merge, l1_norm
 
 
 def bernoulli(inputs: Inputs, i: int, density: float, rescale: bool, ctx: Context) -> Selection:
@@ -57,10 +57,10 @@ def _replayed(stream: RandomStream, n: int, p: float, ctx: Context):
         if short is not None and key is not None and ctx.cache.room_for(2 * n):
             kept = ctx.cache.put(key, keep_bits(u))
         if kept is None:
-            return lambda start, end, out: torch.lt(u[start:end], bound, out=out)
+            return KeptBelow(u, bound)
     if short > 32767:  # p rounds to 1: every draw is under it
-        return lambda start, end, out: out.fill_(1)
-    return lambda start, end, out: torch.lt(kept[start:end], short, out=out)
+        return KeptBelow(None, 0)
+    return KeptBelow(kept, short)
 
 
 def _drawn(base: torch.Tensor, density: float, work: torch.dtype, ctx: Context):

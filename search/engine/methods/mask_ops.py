@@ -14,6 +14,10 @@ infinities, NaN, subnormals) in tests/test_mask_ops.py:
   added in float32 in model order and rounded once (torch's accumulator), for up to MAX_ROWS models;
 - TIES's sign test, sign(x) == majority, is x * majority > 0 (zero and NaN have sign 0), on the
   exact float32 copy of x; the sign of a zero product never matters, since every sum starts at +0.
+
+Torch ops, not numpy's: numpy's are cheaper one by one, but each takes and gives back the GIL, and
+two lanes then ran no faster than one (measured). For bfloat16 on the CPU the C loop of
+family_kernel.py builds the pieces; these ops build the rest (other dtypes, devices, NaN pieces).
 """
 
 from __future__ import annotations

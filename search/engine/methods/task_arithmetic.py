@@ -6,9 +6,11 @@ where the divisor is sum_i w_i (or, with a sign consensus, the sum of the weight
 that agree with the majority sign at each element). Weights are rounded to the
 work dtype first, as mergekit does.
 
-How it runs: mergekit's own sequence of torch ops, op for op and dtype for dtype (its bool masks
-and sums over the models as equivalent ops on torch's fast paths, the same bits: mask_ops.py), but
-over pieces of the flattened tensors into reused scratch buffers. Every op of that sequence is
+How it runs: for bfloat16 on the CPU, a C loop does a piece's whole sequence per element, with
+every rounding mergekit's ops make (family_kernel.py). Otherwise, and for a piece with a NaN:
+mergekit's own sequence of torch ops, op for op and dtype for dtype (its bool masks and sums over
+the models as equivalent ops on torch's fast paths, the same bits: mask_ops.py). Either way over
+pieces of the flattened tensors into reused scratch buffers. Every op of that sequence is
 elementwise or a sum over the models at one element, so a piece computes exactly the bytes the
 whole tensor would; the pass reads the inputs and writes the output once, where mergekit's ops
 make a dozen tensor-sized temporaries (its peak memory, and first-touch page faults). What needs
@@ -27,7 +29,7 @@ from typing import Callable
 import torch
 
 from search.engine.method_params import PARAMS
-from search.engine.methods import mask_ops
+from search.engine.methods import family_kernel, mask_ops
 from search.engine.methods.base import CHUNK, DEVICE_PIECE, Context, Inputs, Method
 from search.engine.methods.lanes import lane_count, run_pieces
 
@@ -37,6 +39,20 @@ EPS = 1e-7  # mergekit's rescale guard
 FAMILY_PIECE = CHUNK // 4
 # Scratch slots (Context.scratch) of this family's passes.
 _DELTAS, _MIXED, _DIVISOR, _WORK, _KEEP, _FULL, _MASK_OPS = range(10, 17)
+
+
+@dataclass(frozen=True)
+class KeptBelow:
+    """A kept-mask that is `values < bound` (TIES's ranks, DARE's draws; values None: every element kept):
+    keep(start, end, out) for the torch ops, and readable by the C loop (family_kernel.py)."""
+
+    values: torch.Tensor | None
+    bound: int
+
+    def __call__(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        if self.values is None:
+            return out.fill_(1)
+        return torch.lt(self.values[start:end], self.bound, out=out)
 
 
 @dataclass
@@ -98,7 +114,12 @@ def l1_norm(inputs: Inputs, i: int, work: torch.dtype, keep, ctx: Context) -> to
     n = base.numel()
     full = ctx.scratch(_FULL, n, work, base.device)
 
+    lib = family_kernel.library() if _loop_takes([inputs.tensors[i], base], work) else None
+    described = _loop_keep(Selection(keep=keep)) if lib is not None else None
+
     def fill(start: int, end: int, lane: int) -> None:
+        if described is not None and family_kernel.masked_abs(lib, inputs.tensors[i], base, described, full, start, end):
+            return
         piece = full[start:end]
         if work == base.dtype:
             delta_piece(inputs, i, start, end, piece)
@@ -161,7 +182,11 @@ def generalized_merge(
     flat_base, flat_out = base.reshape(-1), out.view(-1)
     acc_weights = weights.to(mask_ops.acc_dtype(dtype))
 
+    call = _family_call(inputs, others, selections, shared, weights, divisor, consensus, out)
+
     def combine(start: int, end: int, lane: int) -> None:
+        if call is not None and call.run(start, end):
+            return  # the C loop built it (else it met a NaN: the torch ops below build the piece)
         c = end - start
         deltas = ctx.scratch((_DELTAS, lane), m * c, dtype, device).view(m, c)
         for row, (i, sel) in enumerate(zip(others, selections)):
@@ -186,6 +211,42 @@ def generalized_merge(
 
     run_pieces(n, piece_length(base), combine, device)
     return out
+
+
+def _loop_takes(tensors: list[torch.Tensor], work: torch.dtype | None) -> bool:
+    """Whether the C loop (family_kernel.py) can build passes over these tensors: bfloat16 on the CPU, contiguous."""
+    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors) and work in (None, torch.bfloat16)
+
+
+def _loop_keep(sel: Selection) -> tuple[int, int, int] | None:
+    """A selection's kept-mask as the C loop takes it, or None when the loop cannot."""
+    if sel.zero:
+        return family_kernel.KEEP_ZERO, 0, 0
+    if sel.keep is None or (isinstance(sel.keep, KeptBelow) and sel.keep.values is None):
+        return family_kernel.KEEP_ALL, 0, 0
+    if not isinstance(sel.keep, KeptBelow):
+        return None
+    values = sel.keep.values
+    if values.device.type != "cpu" or not values.is_contiguous() or values.dtype not in (torch.int16, torch.int32):
+        return None
+    return family_kernel.KEEP_BELOW_I16 if values.dtype == torch.int16 else family_kernel.KEEP_BELOW_I32, values.data_ptr(), sel.keep.bound
+
+
+def _family_call(inputs: Inputs, others: list[int], selections: list[Selection], shared: dict, weights: torch.Tensor,
+                 divisor: torch.Tensor | None, consensus: bool, out: torch.Tensor) -> family_kernel.FamilyCall | None:
+    """The C loop bound to this tensor's merge, or None where the torch ops build it."""
+    xs = [inputs.tensors[i] for i in others]
+    if len(xs) > family_kernel.MAX_MODELS or not _loop_takes([inputs.base, out, *xs], None):
+        return None
+    if any(sel.work not in (None, torch.bfloat16) for sel in selections):
+        return None
+    keeps = [_loop_keep(sel) for sel in selections]
+    lib = family_kernel.library() if all(k is not None for k in keeps) else None
+    if lib is None:
+        return None
+    factors = [sel.host_factor if sel.scale is not None else None for sel in selections]
+    return family_kernel.FamilyCall(lib, inputs.base, xs, keeps, factors, [float(w) for w in weights], consensus, shared["normalize"],
+                                    1.0 if divisor is None else float(divisor), float(shared["lambda"]), out)
 
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:

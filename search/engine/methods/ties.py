@@ -15,6 +15,7 @@ from search.engine.methods.lanes import map_in_lanes, run_pieces
 from search.engine.methods.magnitude_ranks import cached_ranks, kept_count, ranks
 from search.engine.methods.task_arithmetic import (
     KEEP_ALL,
+    KeptBelow,
     Selection,
     delta_piece,
     generalized_merge,
@@ -36,9 +37,7 @@ def magnitude(inputs: Inputs, i: int, density: float, rescale: bool, ctx: Contex
     if rank is None:
         rank = cached_ranks(lambda: magnitudes(inputs, i), key, ctx)
 
-    def keep(start: int, end: int, out: torch.Tensor) -> torch.Tensor:
-        return torch.lt(rank[start:end], k, out=out)
-
+    keep = KeptBelow(rank, k)
     scale = None
     if rescale:
         before = ctx.cache.get(None if key is None else ("l1", key), lambda: l1_norm(inputs, i, inputs.base.dtype, None, ctx))

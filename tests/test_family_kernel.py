@@ -1,0 +1,118 @@
+"""search/engine/methods/family_kernel.py: the family's C loop against the torch ops it replaces and
+against mergekit, bit for bit.
+
+The loop builds bfloat16 pieces of task_arithmetic, TIES, DARE-TIES and DARE-linear on the CPU; a
+piece that meets a NaN goes back to the torch ops. Here each method and option runs with the loop
+and without it (MERGESEARCH_KERNEL=0) on values that probe every rounding (ties in magnitude, zeros
+of both signs, infinities, subnormals, large and tiny deltas, ragged lengths), on several candidates
+in a row (ranks and draws reused), and once with no C compiler at all.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from search.engine.methods import BUILT_IN, Context, Inputs, StatCache, family_kernel
+
+SHAPE = (613, 500)  # four pieces and a ragged fifth
+
+
+def _family(models: int, seed: int, nan: bool, inf: bool = False) -> list[torch.Tensor]:
+    """A base and fine-tunes of it; with inf, infinities (a rescaled vector then has a non-finite norm,
+    and its pieces go back to the torch ops); with nan, a NaN in one piece."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16)
+    out = [base]
+    for k in range(models):
+        scale = torch.exp(torch.randn(SHAPE, generator=g) * 4) * 0.002  # deltas over many binades
+        ft = (base.float() + torch.randn(SHAPE, generator=g) * scale).to(torch.bfloat16)
+        flat = ft.view(-1)
+        flat[k * 1000 : k * 1000 + 500] = base.view(-1)[k * 1000 : k * 1000 + 500]  # zero deltas
+        if inf:
+            flat[3000 + k : 3100 : 7] = float("inf") if k % 2 == 0 else -float("inf")
+        flat[5000 + k * 50 : 5050 + k * 50] = torch.finfo(torch.bfloat16).tiny / 8  # subnormal
+        if nan:
+            flat[250_000 + k] = float("nan")  # one piece goes back to the torch ops
+        out.append(ft)
+    out[0].view(-1)[200_000:200_100] = -0.0
+    out[0].view(-1)[5000:5100] = -torch.finfo(torch.bfloat16).tiny / 4
+    return out
+
+
+def _merge(method: str, xs, params: dict, ctx: Context, keys) -> torch.Tensor:
+    m = BUILT_IN[method]
+    shared = {p.name: params.get(p.name, p.default) for p in m.params if p.scope == "shared"}
+    per_input = [{}] + [{p.name: (params[p.name][k] if isinstance(params.get(p.name), list) else params.get(p.name, p.default))
+                         for p in m.params if p.scope == "non_base"} for k in range(len(xs) - 1)]
+    return m.merge(Inputs("w", xs, keys, 0), shared, per_input, ctx)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1).view(torch.int16)
+
+
+CASES = [
+    ("task_arithmetic", {"weight": [0.7, 0.4, -0.3]}),
+    ("task_arithmetic", {"weight": [0.7, -0.7, 0.2], "normalize": True, "lambda": 1.3}),
+    ("ties", {"weight": [1.0, 0.5, 0.3], "density": [0.3, 0.6, 1.0]}),
+    ("ties", {"weight": [0.6, 0.4, 0.0], "density": [0.5, 0.2, 0.9], "int8_mask": True, "normalize": False}),
+    ("ties", {"weight": [0.6, 0.4, 0.5], "density": [0.2, 0.7, 0.4], "rescale": True, "lambda": 0.9}),
+    ("ties", {"weight": [0.6, 0.4, 0.5], "density": [0.0, 1e-7, 0.5]}),
+    ("dare_ties", {"weight": [0.7, 0.4, 0.5], "density": [0.5, 0.7, 0.2]}),
+    ("dare_ties", {"weight": [0.5, 0.5, 0.5], "density": [0.3, 0.6, 1.0], "rescale": False, "normalize": True}),
+    ("dare_linear", {"weight": [0.7, 0.4, 0.2], "density": [0.4, 1.0, 0.999], "lambda": 1.1}),
+    ("dare_linear", {"weight": [0.7, 0.4, 0.2], "density": [0.0, 0.001, 0.5]}),
+]
+
+
+@pytest.mark.parametrize("hostile", [False, True], ids=["finite", "inf-and-nan"])
+@pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
+def test_the_c_loop_gives_the_torch_ops_bits(method, params, hostile, monkeypatch, one_torch_thread):
+    if family_kernel.library() is None:
+        pytest.skip("no C compiler here: the torch ops build every piece (tested everywhere else)")
+    xs = _family(3, seed=len(method), nan=hostile, inf=hostile)
+    seed = 7 if method.startswith("dare") else None
+    keys = [("base",), ("a",), ("b",), ("c",)]
+    results = {}
+    for loop in ("on", "off"):
+        if loop == "off":
+            monkeypatch.setenv("MERGESEARCH_KERNEL", "0")
+        cache, got = StatCache(), []
+        for shift in (0.0, 0.1, -0.05):  # three candidates on one cache: ranks and draws reused
+            p = dict(params)
+            if "density" in p:
+                p["density"] = [d if d in (0.0, 1.0) or d < 0.01 else round(d + shift, 3) for d in p["density"]]
+            cache.new_candidate()
+            ctx = Context(cache=cache, generator=None if seed is None else torch.Generator().manual_seed(seed))
+            got += [_merge(method, xs, p, ctx, keys) for _ in range(2)]
+        results[loop] = got
+    for with_loop, torch_ops in zip(results["on"], results["off"]):
+        assert torch.equal(_bits(with_loop), _bits(torch_ops))
+
+
+@pytest.mark.parametrize("method,params", [CASES[2], CASES[6], CASES[8]], ids=["ties", "dare_ties", "dare_linear"])
+def test_the_c_loop_gives_mergekits_bits(method, params, one_torch_thread):
+    from mergekit.merge_methods.api import merge_tensors
+
+    xs = _family(3, seed=1, nan=False)
+    seed = 7 if method.startswith("dare") else None
+    if seed is not None:
+        torch.manual_seed(seed)
+    want = merge_tensors(xs, method, parameters=params, base_index=0)
+    ctx = Context(cache=StatCache(), generator=None if seed is None else torch.Generator().manual_seed(seed))
+    assert torch.equal(_bits(_merge(method, xs, params, ctx, [None] * 4)), _bits(want))
+
+
+def test_without_a_compiler_the_torch_ops_build_it(monkeypatch, tmp_path, one_torch_thread):
+    from mergekit.merge_methods.api import merge_tensors
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("MERGESEARCH_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(family_kernel, "_tried", False)
+    monkeypatch.setattr(family_kernel, "_library", None)
+    assert family_kernel.library() is None
+    xs = _family(2, seed=3, nan=False)
+    params = {"weight": [1.0, 0.5], "density": [0.3, 0.6]}
+    want = merge_tensors(xs, "ties", parameters=params, base_index=0)
+    assert torch.equal(_bits(_merge("ties", xs, params, Context(cache=StatCache()), [None] * 3)), _bits(want))
