@@ -41,7 +41,7 @@ FAMILY_PIECE = CHUNK // 4
 _DELTAS, _MIXED, _DIVISOR, _WORK, _KEEP, _FULL, _MASK_OPS = range(10, 17)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KeptBelow:
     """A kept-mask that is `values < bound` (TIES's ranks, DARE's draws; values None: every element kept):
     keep(start, end, out) for the torch ops, and readable by the C loop (family_kernel.py)."""
