@@ -1,7 +1,7 @@
 """The task-arithmetic family's CPU pass for bfloat16 as one C loop: mergekit's ops, every rounding kept.
 
-mergekit computes a piece of TIES or DARE as ~45 torch ops, each a pass over the piece that rounds
-its result to bfloat16. The same arithmetic written per element in C — float32 ops (compiled with
+mergekit computes TIES or DARE as a sequence of whole-tensor torch ops, each a pass that rounds its
+result to bfloat16 (the engine's torch path: ~45 ops a piece). The same arithmetic written per element in C — float32 ops (compiled with
 -ffp-contract=off: no fused multiply-add, so every product and sum rounds as torch's does), each
 result rounded to bfloat16 (round to nearest even, as torch converts) where mergekit's op rounds —
 reads the inputs and writes the output once. Exact except for NaN: which of two NaNs an op returns
@@ -9,7 +9,7 @@ and the bits torch writes for one depend on its code path (vector loop or scalar
 that meets a NaN is handed back and built again by the torch ops (task_arithmetic.py).
 
 The loop is compiled once per machine with the system's C compiler (`cc`) into a shared library
-kept in ~/.cache/mergesearch/kernels (named by a hash of its source and flags) and called through
+kept in ~/.cache/mergesearch/kernels (named by a hash of its source, flags and CPU) and called through
 ctypes, which lets go of the GIL: the CPU's lanes run it side by side. Without a compiler, or with
 MERGESEARCH_KERNEL=0, the torch ops build every piece. tests/test_family_kernel.py checks the loop
 against them and against mergekit, bit for bit.
@@ -36,7 +36,7 @@ MAX_MODELS = 16
 # -fno-trapping-math lets comparisons vectorize (it changes no value, only which FP flags may be raised);
 # -march=native: this CPU's vector width (4x the baseline's here); the library's name includes the CPU's flags.
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"]
-# how a model's kept-mask is given (Selection.keep_below in task_arithmetic.py)
+# how a model's kept-mask is given (task_arithmetic.py's _loop_keep: all kept, values < bound, all zero)
 KEEP_ALL, KEEP_BELOW_I16, KEEP_BELOW_I32, KEEP_ZERO = 0, 1, 2, 3
 
 SOURCE = r"""
