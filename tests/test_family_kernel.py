@@ -13,7 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.engine.methods import BUILT_IN, Context, Inputs, StatCache, family_kernel
+from test_density_pieces import _ours
+
+from search.engine.methods import Context, StatCache, family_kernel
 
 SHAPE = (613, 500)  # four pieces and a ragged fifth
 
@@ -38,14 +40,6 @@ def _family(models: int, seed: int, nan: bool, inf: bool = False) -> list[torch.
     out[0].view(-1)[200_000:200_100] = -0.0
     out[0].view(-1)[5000:5100] = -torch.finfo(torch.bfloat16).tiny / 4
     return out
-
-
-def _merge(method: str, xs, params: dict, ctx: Context, keys) -> torch.Tensor:
-    m = BUILT_IN[method]
-    shared = {p.name: params.get(p.name, p.default) for p in m.params if p.scope == "shared"}
-    per_input = [{}] + [{p.name: (params[p.name][k] if isinstance(params.get(p.name), list) else params.get(p.name, p.default))
-                         for p in m.params if p.scope == "non_base"} for k in range(len(xs) - 1)]
-    return m.merge(Inputs("w", xs, keys, 0), shared, per_input, ctx)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -85,7 +79,7 @@ def test_the_c_loop_gives_the_torch_ops_bits(method, params, hostile, monkeypatc
                 p["density"] = [d if d in (0.0, 1.0) or d < 0.01 else round(d + shift, 3) for d in p["density"]]
             cache.new_candidate()
             ctx = Context(cache=cache, generator=None if seed is None else torch.Generator().manual_seed(seed))
-            got += [_merge(method, xs, p, ctx, keys) for _ in range(2)]
+            got += [_ours(method, xs, p, ctx, keys) for _ in range(2)]
         results[loop] = got
     for with_loop, torch_ops in zip(results["on"], results["off"]):
         assert torch.equal(_bits(with_loop), _bits(torch_ops))
@@ -101,7 +95,7 @@ def test_the_c_loop_gives_mergekits_bits(method, params, one_torch_thread):
         torch.manual_seed(seed)
     want = merge_tensors(xs, method, parameters=params, base_index=0)
     ctx = Context(cache=StatCache(), generator=None if seed is None else torch.Generator().manual_seed(seed))
-    assert torch.equal(_bits(_merge(method, xs, params, ctx, [None] * 4)), _bits(want))
+    assert torch.equal(_bits(_ours(method, xs, params, ctx, [None] * 4)), _bits(want))
 
 
 def test_without_a_compiler_the_torch_ops_build_it(monkeypatch, tmp_path, one_torch_thread):
@@ -115,4 +109,4 @@ def test_without_a_compiler_the_torch_ops_build_it(monkeypatch, tmp_path, one_to
     xs = _family(2, seed=3, nan=False)
     params = {"weight": [1.0, 0.5], "density": [0.3, 0.6]}
     want = merge_tensors(xs, "ties", parameters=params, base_index=0)
-    assert torch.equal(_bits(_merge("ties", xs, params, Context(cache=StatCache()), [None] * 3)), _bits(want))
+    assert torch.equal(_bits(_ours("ties", xs, params, Context(cache=StatCache()), [None] * 3)), _bits(want))

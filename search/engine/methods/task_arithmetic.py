@@ -115,7 +115,7 @@ def l1_norm(inputs: Inputs, i: int, work: torch.dtype, keep, ctx: Context) -> to
     full = ctx.scratch(_FULL, n, work, base.device)
 
     lib = family_kernel.library() if _loop_takes([inputs.tensors[i], base], work) else None
-    described = _loop_keep(Selection(keep=keep)) if lib is not None else None
+    described = _loop_keep(keep) if lib is not None else None
 
     def fill(start: int, end: int, lane: int) -> None:
         if described is not None and family_kernel.masked_abs(lib, inputs.tensors[i], base, described, full, start, end):
@@ -218,18 +218,16 @@ def _loop_takes(tensors: list[torch.Tensor], work: torch.dtype | None) -> bool:
     return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors) and work in (None, torch.bfloat16)
 
 
-def _loop_keep(sel: Selection) -> tuple[int, int, int] | None:
-    """A selection's kept-mask as the C loop takes it, or None when the loop cannot."""
-    if sel.zero:
-        return family_kernel.KEEP_ZERO, 0, 0
-    if sel.keep is None or (isinstance(sel.keep, KeptBelow) and sel.keep.values is None):
+def _loop_keep(keep) -> tuple[int, int, int] | None:
+    """A kept-mask (Selection.keep; None: all kept) as the C loop takes it, or None when the loop cannot."""
+    if keep is None or (isinstance(keep, KeptBelow) and keep.values is None):
         return family_kernel.KEEP_ALL, 0, 0
-    if not isinstance(sel.keep, KeptBelow):
+    if not isinstance(keep, KeptBelow):
         return None
-    values = sel.keep.values
+    values = keep.values
     if values.device.type != "cpu" or not values.is_contiguous() or values.dtype not in (torch.int16, torch.int32):
         return None
-    return family_kernel.KEEP_BELOW_I16 if values.dtype == torch.int16 else family_kernel.KEEP_BELOW_I32, values.data_ptr(), sel.keep.bound
+    return family_kernel.KEEP_BELOW_I16 if values.dtype == torch.int16 else family_kernel.KEEP_BELOW_I32, values.data_ptr(), keep.bound
 
 
 def _family_call(inputs: Inputs, others: list[int], selections: list[Selection], shared: dict, weights: torch.Tensor,
@@ -240,7 +238,7 @@ def _family_call(inputs: Inputs, others: list[int], selections: list[Selection],
         return None
     if any(sel.work not in (None, torch.bfloat16) for sel in selections):
         return None
-    keeps = [_loop_keep(sel) for sel in selections]
+    keeps = [(family_kernel.KEEP_ZERO, 0, 0) if sel.zero else _loop_keep(sel.keep) for sel in selections]
     lib = family_kernel.library() if all(k is not None for k in keeps) else None
     if lib is None:
         return None
