@@ -221,7 +221,7 @@ def bench_solar(args) -> None:
         gc.collect()
 
 
-def family_recipe(method: str, k: int, layers: int) -> str:
+def family_recipe(method: str, k: int, layers: int, dtype: str = "bfloat16") -> str:
     """Candidate k of a method over base + v1 + v2: new weights, densities or t-curves each time."""
     g = torch.Generator().manual_seed(100 + k)
 
@@ -232,12 +232,12 @@ def family_recipe(method: str, k: int, layers: int) -> str:
         attn, mlp = [r(0.05, 0.95) for _ in range(5)], [r(0.05, 0.95) for _ in range(5)]
         return phigment_curve_recipe("base", "v1", attn, mlp, r(0.05, 0.95), layers)
     if method == "linear":
-        return "models:\n" + "".join(f"  - model: {m}\n    parameters: {{weight: {r(0.1, 1)}}}\n" for m in ("base", "v1", "v2")) + "merge_method: linear\ndtype: bfloat16\n"
+        return "models:\n" + "".join(f"  - model: {m}\n    parameters: {{weight: {r(0.1, 1)}}}\n" for m in ("base", "v1", "v2")) + f"merge_method: linear\ndtype: {dtype}\n"
     lines = ["models:", "  - model: base"]
     for m in ("v1", "v2"):
         params = f"weight: {r(0.2, 1)}" + ("" if method == "task_arithmetic" else f", density: {r(0.2, 0.9)}")
         lines += [f"  - model: {m}", f"    parameters: {{{params}}}"]
-    return "\n".join(lines + [f"merge_method: {method}", "base_model: base", "dtype: bfloat16", ""])
+    return "\n".join(lines + [f"merge_method: {method}", "base_model: base", f"dtype: {dtype}", ""])
 
 
 def mergekit_parameters(plan) -> dict:
@@ -266,15 +266,16 @@ def bench_family(args) -> None:
         with open(Path(folder) / "model.safetensors", "rb") as fh:
             while fh.read(1 << 26):
                 pass
-    print(f"model family: {args.model} ({base}); torch threads {torch.get_num_threads()}; load before {os.getloadavg()[0]:.2f}")
+    print(f"model family: {args.model} ({base}); recipes' dtype {args.dtype}; torch threads {torch.get_num_threads()}; load before {os.getloadavg()[0]:.2f}")
     print("| method | first candidate s | per candidate s (median) | GB/s (inputs read + output written) | copy GB/s | vs copy | cache kept GiB | mergekit s | speed-up |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in args.methods:
         mat = Materializer(paths, memory_limit=1 << 50)
         seed = 1 if method.startswith("dare") else None
-        recipes = [loads(family_recipe(method, k, layers)) for k in range(args.candidates)]
+        recipes = [loads(family_recipe(method, k, layers, args.dtype)) for k in range(args.candidates)]
         first = timed(lambda: mat.materialize(recipes[0], seed=seed))[0]
-        src = mat.source("base").tensors
+        work = getattr(torch, args.dtype)  # bytes moved and the copy compared with: in the recipe's dtype
+        src = {k: v.to(work) for k, v in mat.source("base").tensors.items()}
         model_bytes = sum(t.numel() * t.element_size() for t in src.values())
         inputs = 2 if method == "slerp" else 3
         dst = {k: torch.empty_like(v) for k, v in src.items()}
@@ -299,7 +300,7 @@ def bench_family(args) -> None:
             mk = []
             for r in recipes[1 : 1 + args.mergekit_runs]:
                 (plan,) = mat.plan(r)
-                models = {m: mat.source(m).tensors for m in plan.jobs[0].models}
+                models = {m: {k: v.to(work) for k, v in mat.source(m).tensors.items()} for m in plan.jobs[0].models}  # in the recipe's dtype
                 params = mergekit_parameters(plan)
                 if seed is not None:
                     torch.manual_seed(seed)
@@ -321,6 +322,8 @@ def main() -> None:
     p.add_argument("--model", choices=["smollm2", "tinyllama"], default="smollm2", help="the family of --only family")
     p.add_argument("--methods", nargs="+", choices=FAMILY_METHODS, default=list(FAMILY_METHODS))
     p.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="the family recipes' dtype (the sources are bfloat16; another dtype is a conversion kept by the worker)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

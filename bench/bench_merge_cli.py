@@ -19,6 +19,13 @@ outputs are compared tensor by tensor, bit for bit.
 Not a test: tinyllama needs ~12 GB of disk and several GiB of memory, and takes many minutes.
 Targets (issue 21): merge at least 5x faster than mergekit-yaml on the real model for every native
 method, and never a higher peak resident set than mergekit-yaml's (both models).
+
+The floor (printed with the table): what any tool that writes mergekit's bits must spend here too, so
+the most a speed-up can be: a fresh process's `import torch` (mergekit's math is torch's, so are
+DARE's draws), and for TIES mergekit's own sorts: one `torch.argsort(|delta| as float32,
+descending=True)` per task vector and tensor, unstable, whose order among equal magnitudes decides
+which elements are kept (search/engine/methods/magnitude_ranks.py) -- timed here one after the
+other as mergekit runs them, and as two lanes would share them over this machine's cores.
 """
 
 from __future__ import annotations
@@ -119,6 +126,30 @@ def same_tensors(x: Path, y: Path) -> tuple[int, int]:
     return len(a), differ
 
 
+def import_torch_seconds(repeats: int) -> float:
+    """Median wall time of a fresh `python -c "import torch"`."""
+    times = []
+    for _ in range(max(3, repeats)):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], env=ENV, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ties_sort_seconds(base: Path, variants: list[Path]) -> float:
+    """Seconds of the sorts TIES must run: mergekit's argsort of every task vector's magnitudes, tensor by tensor."""
+    total = 0.0
+    with safe_open(base / "model.safetensors", "pt") as fb:
+        for v in variants:
+            with safe_open(v / "model.safetensors", "pt") as fv:
+                for name in fb.keys():
+                    magnitudes = (fv.get_tensor(name) - fb.get_tensor(name)).abs().view(-1).float()
+                    start = time.perf_counter()
+                    torch.argsort(magnitudes, descending=True)
+                    total += time.perf_counter() - start
+    return total
+
+
 def warm(paths: list[Path]) -> None:
     """Read the sources once, so that neither tool pays the first read from disk."""
     for p in paths:
@@ -174,6 +205,10 @@ def main() -> None:
         ours, theirs = runs["mergesearch merge"], runs["mergekit-yaml"]
         rows.append((method, ours, theirs, n, differ, f"{min(loads)}-{max(loads)}"))
 
+    floor_import = import_torch_seconds(args.repeats)
+    floor_sort = ties_sort_seconds(base, variants) if "ties" in args.methods else 0.0
+    lanes = min(os.cpu_count() or 1, len(variants))
+
     print(f"\nmodel: {args.model} ({base}); recipes' dtype {args.dtype}; OMP_NUM_THREADS {ENV.get('OMP_NUM_THREADS', 'unset')}; "
           f"cpus {os.cpu_count()}; repeats {args.repeats}")
     print("| method | merge s (median) | mergekit-yaml s (median) | speed-up | merge peak RSS GiB (max) | mergekit peak RSS GiB (max) | peak ratio | bit-identical | load |")
@@ -183,6 +218,13 @@ def main() -> None:
         m_o, m_t = max(m for _, m in ours), max(m for _, m in theirs)
         print(f"| {method} | {t_o:.2f} ({', '.join(f'{s:.2f}' for s, _ in ours)}) | {t_t:.2f} ({', '.join(f'{s:.2f}' for s, _ in theirs)}) | "
               f"{t_t / t_o:.1f}x | {m_o / 2**30:.2f} | {m_t / 2**30:.2f} | {m_o / m_t:.2f} | {n - differ}/{n} | {load} |")
+    print(f"\nfloor: a fresh `import torch` {floor_import:.2f} s (median)")
+    for method, _, theirs, *_ in rows:
+        t_t = statistics.median(s for s, _ in theirs)
+        sorts = floor_sort / lanes if method == "ties" else 0.0
+        what = f" + mergekit's TIES sorts {floor_sort:.2f} s in a row, {sorts:.2f} s over {lanes} lanes" if method == "ties" else ""
+        print(f"  {method}: at least {floor_import + sorts:.2f} s (import torch{what}): "
+              f"at most {t_t / (floor_import + sorts):.1f}x mergekit-yaml's {t_t:.2f} s")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,27 @@ def _check(method: str, params: dict, dtype: torch.dtype, nan: bool = True) -> N
         got = [_ours(method, xs, p, ctx, keys) for _ in range(2)]
         for g, w in zip(got, want):
             assert _same(g, w), (method, p, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_draws_against_a_float32_density_are_kept_whole(dtype, monkeypatch, one_torch_thread):
+    """float16 and float32 DARE draw against a float32 density, which the top 16 bits of a draw do not
+    decide: the draws are kept whole (int32), so a second candidate with other densities draws none
+    and still gives mergekit's bits."""
+    from search.engine.methods.random_stream import RandomStream
+
+    drawn = []
+    uniform_bits = RandomStream.uniform_bits
+    monkeypatch.setattr(RandomStream, "uniform_bits", lambda self, n, out, ctx: drawn.append(n) or uniform_bits(self, n, out, ctx))
+    xs = _family(dtype, 2, nan=False)
+    cache = StatCache()
+    per_candidate = []
+    for densities in ([0.437, 0.611], [0.523, 0.389]):
+        params = {"weight": [0.7, 0.4], "density": densities}
+        want = _mergekit("dare_linear", xs, params, seed=7)
+        cache.new_candidate()
+        ctx = Context(cache=cache, generator=torch.Generator().manual_seed(7))
+        before = len(drawn)
+        assert _same(_ours("dare_linear", xs, params, ctx, [("base",), ("a",), ("b",)]), want)
+        per_candidate.append(sum(drawn[before:]))
+    assert per_candidate == [2 * xs[0].numel(), 0]

@@ -1,7 +1,7 @@
 """search/engine/methods/family_kernel.py: the family's C loop against the torch ops it replaces and
 against mergekit, bit for bit.
 
-The loop builds bfloat16 pieces of task_arithmetic, TIES, DARE-TIES and DARE-linear on the CPU; a
+The loop builds bfloat16, float16 and float32 pieces of task_arithmetic, TIES, DARE-TIES and DARE-linear on the CPU; a
 piece that meets a NaN goes back to the torch ops. Here each method and option runs with the loop
 and without it (MERGESEARCH_KERNEL=0) on values that probe every rounding (ties in magnitude, zeros
 of both signs, infinities, subnormals, large and tiny deltas, ragged lengths), on several candidates
@@ -20,25 +20,26 @@ from search.engine.methods import Context, StatCache, family_kernel
 SHAPE = (613, 500)  # four pieces and a ragged fifth
 
 
-def _family(models: int, seed: int, nan: bool, inf: bool = False) -> list[torch.Tensor]:
+def _family(models: int, seed: int, nan: bool, inf: bool = False, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
     """A base and fine-tunes of it; with inf, infinities (a rescaled vector then has a non-finite norm,
     and its pieces go back to the torch ops); with nan, a NaN in one piece."""
     g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(SHAPE, generator=g) * 0.02).to(torch.bfloat16)
+    tiny = torch.finfo(dtype).tiny
+    base = (torch.randn(SHAPE, generator=g) * 0.02).to(dtype)
     out = [base]
     for k in range(models):
         scale = torch.exp(torch.randn(SHAPE, generator=g) * 4) * 0.002  # deltas over many binades
-        ft = (base.float() + torch.randn(SHAPE, generator=g) * scale).to(torch.bfloat16)
+        ft = (base.float() + torch.randn(SHAPE, generator=g) * scale).clamp(-1e4, 1e4).to(dtype)
         flat = ft.view(-1)
         flat[k * 1000 : k * 1000 + 500] = base.view(-1)[k * 1000 : k * 1000 + 500]  # zero deltas
         if inf:
             flat[3000 + k : 3100 : 7] = float("inf") if k % 2 == 0 else -float("inf")
-        flat[5000 + k * 50 : 5050 + k * 50] = torch.finfo(torch.bfloat16).tiny / 8  # subnormal
+        flat[5000 + k * 50 : 5050 + k * 50] = tiny / 8  # subnormal
         if nan:
             flat[250_000 + k] = float("nan")  # one piece goes back to the torch ops
         out.append(ft)
     out[0].view(-1)[200_000:200_100] = -0.0
-    out[0].view(-1)[5000:5100] = -torch.finfo(torch.bfloat16).tiny / 4
+    out[0].view(-1)[5000:5100] = -tiny / 4
     return out
 
 
@@ -60,12 +61,21 @@ CASES = [
 ]
 
 
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+IDS = ["bf16", "f16", "f32"]
+
+
+def _loop_builds(dtype: torch.dtype) -> None:
+    if not family_kernel.builds(dtype):
+        pytest.skip("no C compiler here: the torch ops build every piece (tested everywhere else)")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("hostile", [False, True], ids=["finite", "inf-and-nan"])
 @pytest.mark.parametrize("method,params", CASES, ids=[f"{m}-{i}" for i, (m, _) in enumerate(CASES)])
-def test_the_c_loop_gives_the_torch_ops_bits(method, params, hostile, monkeypatch, one_torch_thread):
-    if family_kernel.library() is None:
-        pytest.skip("no C compiler here: the torch ops build every piece (tested everywhere else)")
-    xs = _family(3, seed=len(method), nan=hostile, inf=hostile)
+def test_the_c_loop_gives_the_torch_ops_bits(method, params, hostile, dtype, monkeypatch, one_torch_thread):
+    _loop_builds(dtype)
+    xs = _family(3, seed=len(method), nan=hostile, inf=hostile, dtype=dtype)
     seed = 7 if method.startswith("dare") else None
     keys = [("base",), ("a",), ("b",), ("c",)]
     results = {}
@@ -85,11 +95,13 @@ def test_the_c_loop_gives_the_torch_ops_bits(method, params, hostile, monkeypatc
         assert torch.equal(_bits(with_loop), _bits(torch_ops))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("method,params", [CASES[2], CASES[6], CASES[8]], ids=["ties", "dare_ties", "dare_linear"])
-def test_the_c_loop_gives_mergekits_bits(method, params, one_torch_thread):
+def test_the_c_loop_gives_mergekits_bits(method, params, dtype, one_torch_thread):
     from mergekit.merge_methods.api import merge_tensors
 
-    xs = _family(3, seed=1, nan=False)
+    _loop_builds(dtype)
+    xs = _family(3, seed=1, nan=False, dtype=dtype)
     seed = 7 if method.startswith("dare") else None
     if seed is not None:
         torch.manual_seed(seed)
@@ -110,3 +122,50 @@ def test_without_a_compiler_the_torch_ops_build_it(monkeypatch, tmp_path, one_to
     params = {"weight": [1.0, 0.5], "density": [0.3, 0.6]}
     want = merge_tensors(xs, "ties", parameters=params, base_index=0)
     assert torch.equal(_bits(_ours("ties", xs, params, Context(cache=StatCache()), [None] * 3)), _bits(want))
+
+
+@pytest.mark.parametrize("dtype", DTYPES[:2], ids=IDS[:2])
+def test_every_value_converts_and_rounds_as_torch_does(dtype, monkeypatch, one_torch_thread):
+    """Every finite value of the dtype as a task vector over a zero base and over a base of other values,
+    times weights whose products land on every rounding case (halfway ones too: x * 0.5 of an odd
+    subnormal, x * 0.75 of an odd mantissa), normalized: the loop's own conversions (float16's are
+    integer and float ops, not the compiler's) against torch's, bit for bit. Weights of at most 1 keep
+    NaN out (inf - inf), so that the loop, not the torch ops, builds every piece."""
+    _loop_builds(dtype)
+    built = []
+    run = family_kernel.FamilyCall.run
+    monkeypatch.setattr(family_kernel.FamilyCall, "run", lambda self, s, e: built.append(run(self, s, e)) or built[-1])
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[torch.isfinite(every)]
+    for base in (torch.zeros_like(every), every.flip(0)):
+        xs = [base, every, every.roll(1)]
+        for weights in ([0.5, 0.75], [1.0, -0.1], [-0.3, 1e-3]):
+            params = {"weight": weights, "normalize": True}
+            results = []
+            for loop in ("1", "0"):
+                monkeypatch.setenv("MERGESEARCH_KERNEL", loop)
+                results.append(_ours("task_arithmetic", xs, params, Context(cache=StatCache()), [None] * 3))
+            assert torch.equal(_bits(results[0]), _bits(results[1]))
+    assert built and all(built)
+
+
+@pytest.mark.parametrize("models", [1, 2, 4, 5])
+def test_float32_sums_over_the_models_add_as_torchs(models, monkeypatch, one_torch_thread):
+    """torch's float32 sum over the models adds them one by one from 0 up to four of them (its outer
+    sum keeps four partial sums): the loop builds those, the torch ops the rest. Deltas over 16
+    binades (their order of additions shows in the last bits), pieces of every ragged length."""
+    built = []
+    run = family_kernel.FamilyCall.run
+    monkeypatch.setattr(family_kernel.FamilyCall, "run", lambda self, s, e: built.append(run(self, s, e)) or built[-1])
+    g = torch.Generator().manual_seed(models)
+    for n in (1, 7, 31, 33, 100, 1001, 65_537):
+        base = torch.randn(n, generator=g)
+        xs = [base] + [base + torch.randn(n, generator=g) * 10.0 ** torch.randint(-8, 8, (n,), generator=g) for _ in range(models)]
+        for method, params in (("task_arithmetic", {"weight": [0.3 + k for k in range(models)]}),
+                               ("ties", {"weight": [1.0] * models, "density": [0.6] * models})):
+            results = []
+            for loop in ("1", "0"):
+                monkeypatch.setenv("MERGESEARCH_KERNEL", loop)
+                results.append(_ours(method, xs, params, Context(cache=StatCache()), [None] * (models + 1)))
+            assert torch.equal(results[0].view(torch.int32), results[1].view(torch.int32)), (n, method)
+    assert (len(built) > 0) == (models <= family_kernel.F32_MODELS)

@@ -45,22 +45,30 @@ def _stream(ctx: Context) -> RandomStream | None:
 
 
 def _replayed(stream: RandomStream, n: int, p: float, ctx: Context):
-    """keep(start, end, out) for the next n draws of the stream: kept ones from the cache, else drawn (and kept)."""
+    """keep(start, end, out) for the next n draws of the stream: kept ones from the cache, else drawn (and kept).
+    Kept as their top 16 bits where those decide `u < p` (every bfloat16 density), else whole (int32: a
+    float32 density, as float16's DARE draws on the CPU)."""
     bound = threshold(p)
     short = kept_bound(bound)
     key = stream.key(n)
-    kept = ctx.cache.peek(key) if short is not None else None
-    if kept is not None:
+    key16, key24 = (None, None) if key is None else (key + ("top16",), key + ("all24",))
+    if short is not None and (kept := ctx.cache.peek(key16)) is not None:
         stream.skip(n)
-    else:
-        u = stream.uniform_bits(n, torch.empty(n, dtype=torch.int32), ctx)
-        if short is not None and key is not None and ctx.cache.room_for(2 * n):
-            kept = ctx.cache.put(key, keep_bits(u))
-        if kept is None:
-            return KeptBelow(u, bound)
-    if short > 32767:  # p rounds to 1: every draw is under it
-        return KeptBelow(None, 0)
-    return KeptBelow(kept, short)
+        return _below(kept, short)
+    if (whole := ctx.cache.peek(key24)) is not None:
+        stream.skip(n)
+        return KeptBelow(whole, bound)
+    u = stream.uniform_bits(n, torch.empty(n, dtype=torch.int32), ctx)
+    if short is not None and key16 is not None and ctx.cache.room_for(2 * n):
+        return _below(ctx.cache.put(key16, keep_bits(u)), short)
+    if short is None and key24 is not None and ctx.cache.room_for(4 * n):
+        ctx.cache.put(key24, u)
+    return KeptBelow(u, bound)
+
+
+def _below(kept: torch.Tensor, short: int) -> KeptBelow:
+    """The kept-mask of kept draws (top 16 bits) under their bound."""
+    return KeptBelow(None, 0) if short > 32767 else KeptBelow(kept, short)  # p rounds to 1: every draw is under it
 
 
 def _drawn(base: torch.Tensor, density: float, work: torch.dtype, ctx: Context):

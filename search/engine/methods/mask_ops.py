@@ -16,8 +16,8 @@ infinities, NaN, subnormals) in tests/test_mask_ops.py:
   exact float32 copy of x; the sign of a zero product never matters, since every sum starts at +0.
 
 Torch ops, not numpy's: numpy's are cheaper one by one, but each takes and gives back the GIL, and
-two lanes then ran no faster than one (measured). For bfloat16 on the CPU the C loop of
-family_kernel.py builds the pieces; these ops build the rest (other dtypes, devices, NaN pieces).
+two lanes then ran no faster than one (measured). On the CPU the C loop of family_kernel.py builds
+most pieces; these ops build the rest (devices, NaN pieces, float32 over five or more models).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ a function of the stream position and p alone:
   offset sees the same draws in every candidate: the draws are kept (StatCache) and a new density
   costs one comparison per element. Kept are the top 16 of the 24 bits (2 bytes an element):
   that decides `u < p` exactly whenever p * 2**24 is a multiple of 256, true of every bfloat16
-  density of 2**-9 or more (bfloat16 has 8 significant bits); other densities draw again.
+  density of 2**-9 or more (bfloat16 has 8 significant bits); for other densities (float32's:
+  float16's DARE on the CPU draws in float32) all 24 bits are kept (int32, 4 bytes an element).
 
 The stream's position is tracked as an offset (draws since seeding); the generator state at
 each tensor's end is kept too (2.5 KiB), so a tensor whose draws were not kept starts from its

@@ -6,8 +6,9 @@ where the divisor is sum_i w_i (or, with a sign consensus, the sum of the weight
 that agree with the majority sign at each element). Weights are rounded to the
 work dtype first, as mergekit does.
 
-How it runs: for bfloat16 on the CPU, a C loop does a piece's whole sequence per element, with
-every rounding mergekit's ops make (family_kernel.py). Otherwise, and for a piece with a NaN:
+How it runs: on the CPU (bfloat16, float16; float32 over up to four task vectors), a C loop does a
+piece's whole sequence per element, with every rounding mergekit's ops make (family_kernel.py).
+Otherwise, and for a piece with a NaN:
 mergekit's own sequence of torch ops, op for op and dtype for dtype (its bool masks and sums over
 the models as equivalent ops on torch's fast paths, the same bits: mask_ops.py). Either way over
 pieces of the flattened tensors into reused scratch buffers. Every op of that sequence is
@@ -213,9 +214,14 @@ def generalized_merge(
     return out
 
 
-def _loop_takes(tensors: list[torch.Tensor], work: torch.dtype | None) -> bool:
-    """Whether the C loop (family_kernel.py) can build passes over these tensors: bfloat16 on the CPU, contiguous."""
-    return all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors) and work in (None, torch.bfloat16)
+def _loop_takes(tensors: list[torch.Tensor], work: torch.dtype | None, models: int = 1) -> bool:
+    """Whether the C loop (family_kernel.py) can build passes over these tensors (of `models` task vectors):
+    of one dtype it builds, on the CPU, contiguous; work: the dtype masking and rescaling run in (None:
+    theirs; float32 for float16's DARE, whose one rounding back to float16 the loop makes too)."""
+    dtype = tensors[0].dtype
+    if not family_kernel.builds(dtype, models) or work not in (None, dtype, torch.float32):
+        return False
+    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
 def _loop_keep(keep) -> tuple[int, int, int] | None:
@@ -234,9 +240,7 @@ def _family_call(inputs: Inputs, others: list[int], selections: list[Selection],
                  divisor: torch.Tensor | None, consensus: bool, out: torch.Tensor) -> family_kernel.FamilyCall | None:
     """The C loop bound to this tensor's merge, or None where the torch ops build it."""
     xs = [inputs.tensors[i] for i in others]
-    if len(xs) > family_kernel.MAX_MODELS or not _loop_takes([inputs.base, out, *xs], None):
-        return None
-    if any(sel.work not in (None, torch.bfloat16) for sel in selections):
+    if not all(_loop_takes([inputs.base, out, *xs], sel.work, len(xs)) for sel in selections):
         return None
     keeps = [(family_kernel.KEEP_ZERO, 0, 0) if sel.zero else _loop_keep(sel.keep) for sel in selections]
     lib = family_kernel.library() if all(k is not None for k in keeps) else None
