@@ -169,3 +169,27 @@ def test_a_worker_scoring_candidates_stays_within_the_estimate_it_prints(big_voc
     recipes = [family_recipe("ties", d) for d in (0.3, 0.6)]
     m = measure("worker", big_vocab_family, recipes, objectives=objectives, base_dir=str(tmp_path))
     assert_within_estimate(m, low=0.3)
+
+
+def test_a_one_shot_build_sorts_its_largest_tensors_one_at_a_time(big_vocab_family, monkeypatch):
+    """mergekit sorts one task vector at a time; `mergesearch merge` sorts side by side only where that
+    holds no more than one sort of the stage's largest tensor (12 bytes an element), while a search
+    worker sorts one per lane (its estimate counts them)."""
+    from search.engine.materialize import Materializer
+    from search.engine.methods import ties
+    from search.engine.recipe import loads
+
+    at_once = {}  # (one-shot?, elements of the tensor) -> the sorts allowed at once
+    map_in_lanes = ties.map_in_lanes
+
+    def spy(fn, items, device, at_most):
+        ranks = map_in_lanes(fn, items, device, at_most)
+        at_once[(one_shot, ranks[0].numel())] = at_most
+        return ranks
+
+    monkeypatch.setattr(ties, "map_in_lanes", spy)
+    for one_shot in (True, False):
+        Materializer(big_vocab_family, one_shot=one_shot).state_dict(loads(family_recipe("ties", 0.4)))
+    largest, small = 16384 * 256, 256 * 256
+    assert at_once[(True, largest)] == 1 and at_once[(True, small)] >= 2
+    assert at_once[(False, largest)] == 2

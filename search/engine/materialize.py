@@ -355,7 +355,8 @@ class Materializer:
         return config, tensors
 
     def _run_stage(self, plan: StagePlan, earlier: dict[str, SourceModel], generator, outputs: "_ResidentModel | None"):
-        ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers)
+        largest = max((math.prod(t.shape) for t in plan.output.tensors.values()), default=0)
+        ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers, sort_bound=largest if self.one_shot else None)
         results: dict[str, torch.Tensor] = {}
         jobs = list(plan.execution_order())
         streamed = self._streamed_jobs(jobs, earlier)

@@ -131,6 +131,9 @@ class Context:
     out: torch.Tensor | None = None  # write the result here when given (shape and dtype of the result)
     buffers: dict = field(default_factory=dict)  # scratch, reused across passes and candidates
     draws: Any = None  # DARE's replay of `generator` (random_stream.RandomStream), made on first use
+    # elements a pass may sort at once (TIES's ranks: 12 bytes each); None: a sort per lane. A one-shot
+    # build bounds it by its largest tensor, so that it holds no more than mergekit's one sort at a time.
+    sort_bound: int | None = None
 
     def scratch(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A reusable 1-d buffer of at least `numel` elements (grown, never shrunk)."""

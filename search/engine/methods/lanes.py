@@ -77,10 +77,11 @@ def run_pieces(n: int, step: int, work: Callable[[int, int, int], None], device:
         future.result()
 
 
-def map_in_lanes(fn: Callable[[T], R], items: Iterable[T], device: torch.device | str = "cpu") -> list[R]:
-    """[fn(x) for x in items], the calls spread over lanes on the CPU (independent work, e.g. sorts)."""
+def map_in_lanes(fn: Callable[[T], R], items: Iterable[T], device: torch.device | str = "cpu", at_most: int | None = None) -> list[R]:
+    """[fn(x) for x in items], the calls spread over lanes on the CPU (independent work, e.g. sorts),
+    at most `at_most` of them at once."""
     items = list(items)
-    lanes = min(lane_count(device), len(items))
+    lanes = min(lane_count(device), len(items), at_most or len(items))
     if lanes <= 1:
         return [fn(x) for x in items]
     return [f.result() for f in [_pool(lanes).submit(fn, x) for x in items]]

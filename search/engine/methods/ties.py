@@ -67,12 +67,13 @@ def magnitudes(inputs: Inputs, i: int) -> torch.Tensor:
 
 def merge(inputs: Inputs, shared: dict, per_input: list[dict], ctx: Context) -> torch.Tensor:
     # The sorts of a tensor's task vectors are independent (and single-threaded in torch): on the
-    # CPU they run side by side, one per lane, before the pass that uses them.
+    # CPU they run side by side, one per lane, before the pass that uses them (as many as ctx.sort_bound allows).
     n = inputs.base.numel()
     wanted = [i for i in range(len(inputs.tensors)) if i != inputs.base_index and kept_count(per_input[i]["density"], n)]
     found = {i: ctx.cache.peek(("magnitude-ranks", _key(inputs, i))) if _key(inputs, i) is not None else None for i in wanted}
     missing = [i for i in wanted if found[i] is None]
-    for i, rank in zip(missing, map_in_lanes(lambda i: ranks(magnitudes(inputs, i)), missing, inputs.base.device)):
+    at_once = len(missing) if ctx.sort_bound is None else max(1, ctx.sort_bound // max(1, n))
+    for i, rank in zip(missing, map_in_lanes(lambda i: ranks(magnitudes(inputs, i)), missing, inputs.base.device, at_once)):
         found[i] = rank
         if _key(inputs, i) is not None:
             ctx.cache.put(("magnitude-ranks", _key(inputs, i)), rank)
