@@ -44,8 +44,9 @@ FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-fno-
 # how a model's kept-mask is given (task_arithmetic.py's _loop_keep: all kept, values < bound, all zero)
 KEEP_ALL, KEEP_BELOW_I16, KEEP_BELOW_I32, KEEP_ZERO = 0, 1, 2, 3
 
-# The loop is written once over a 16-bit float type T (its conversions from_T, to_T and rounded_T, round
-# to nearest even as torch's) and compiled for bfloat16 and float16: TYPED is instantiated per type by _typed().
+# The loop is written once over a float type T stored as S (its conversions from_T, to_T and rounded_T,
+# round to nearest even as torch's) and compiled for bfloat16, float16 and float32: _typed() instantiates
+# TYPED per type.
 COMMON = r"""
 #include <stdint.h>
 #include <string.h>
