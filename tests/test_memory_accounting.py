@@ -174,8 +174,9 @@ def test_a_worker_scoring_candidates_stays_within_the_estimate_it_prints(big_voc
 
 def test_a_one_shot_build_sorts_its_largest_tensors_one_at_a_time(big_vocab_family, monkeypatch):
     """mergekit sorts one task vector at a time; `mergesearch merge` sorts side by side only where that
-    holds no more than one sort of the stage's largest tensor (12 bytes an element), while a search
-    worker sorts one per lane (its estimate counts them)."""
+    holds no more than one sort of the stage's largest tensor (12 bytes an element) or the output's
+    size (here the first: a large vocabulary), while a search worker sorts one per lane (its estimate
+    counts them)."""
     from search.engine.materialize import Materializer
     from search.engine.methods import ties
     from search.engine.recipe import loads

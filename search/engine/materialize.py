@@ -32,7 +32,7 @@ from search.engine.errors import UserError
 from search.engine.lora import Adapter, check_fits, split_adapter
 from search.engine.lora_merge import load_adapter, with_adapter
 from search.engine.hf_config import hf_config
-from search.engine.memory_estimate import MemoryNeed, source_shapes, worker_need
+from search.engine.memory_estimate import SORT_BYTES, MemoryNeed, source_shapes, worker_need
 from search.engine.memory_plan import STREAMED, MemoryPlan, forced_mode, plan_memory
 from search.engine.methods import Context, Inputs, StatCache
 from search.engine.methods.lanes import lane_count
@@ -355,8 +355,7 @@ class Materializer:
         return config, tensors
 
     def _run_stage(self, plan: StagePlan, earlier: dict[str, SourceModel], generator, outputs: "_ResidentModel | None"):
-        largest = max((math.prod(t.shape) for t in plan.output.tensors.values()), default=0)
-        ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers, sort_bound=largest if self.one_shot else None)
+        ctx = Context(cache=self.cache, generator=generator, buffers=self._buffers, sort_bound=_sort_bound(plan) if self.one_shot else None)
         results: dict[str, torch.Tensor] = {}
         jobs = list(plan.execution_order())
         streamed = self._streamed_jobs(jobs, earlier)
@@ -538,6 +537,15 @@ def _model_from_tensors(config: dict, tensors: dict[str, torch.Tensor], device: 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(tmp) / "model.safetensors"))
         model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=next(iter(tensors.values())).dtype)
     return model.to(device).eval().requires_grad_(False)
+
+
+def _sort_bound(plan: StagePlan) -> int:
+    """Elements a one-shot build sorts at once (TIES's ranks, SORT_BYTES each): one sort of the largest tensor,
+    or as many as the output's bytes hold. mergekit sorts one task vector at a time but holds every input
+    (its peak is at least their sum), so that much side by side still peaks below it."""
+    infos = plan.output.tensors.values()
+    largest = max((math.prod(t.shape) for t in infos), default=0)
+    return max(largest, sum(t.numel_bytes for t in infos) // SORT_BYTES)
 
 
 def memory_need(mat: Materializer, plans: list | None = None) -> MemoryNeed:

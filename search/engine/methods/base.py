@@ -132,7 +132,7 @@ class Context:
     buffers: dict = field(default_factory=dict)  # scratch, reused across passes and candidates
     draws: Any = None  # DARE's replay of `generator` (random_stream.RandomStream), made on first use
     # elements a pass may sort at once (TIES's ranks: 12 bytes each); None: a sort per lane. A one-shot
-    # build bounds it by its largest tensor, so that it holds no more than mergekit's one sort at a time.
+    # build bounds it so as to peak below mergekit (materialize.py's _sort_bound).
     sort_bound: int | None = None
 
     def scratch(self, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
