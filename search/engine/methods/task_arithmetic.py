@@ -240,7 +240,7 @@ def _family_call(inputs: Inputs, others: list[int], selections: list[Selection],
                  divisor: torch.Tensor | None, consensus: bool, out: torch.Tensor) -> family_kernel.FamilyCall | None:
     """The C loop bound to this tensor's merge, or None where the torch ops build it."""
     xs = [inputs.tensors[i] for i in others]
-    if not all(_loop_takes([inputs.base, out, *xs], sel.work, len(xs)) for sel in selections):
+    if not all(_loop_takes([inputs.base, out, *xs], work, len(xs)) for work in {sel.work for sel in selections}):
         return None
     keeps = [(family_kernel.KEEP_ZERO, 0, 0) if sel.zero else _loop_keep(sel.keep) for sel in selections]
     lib = family_kernel.library() if all(k is not None for k in keeps) else None
